@@ -1,0 +1,98 @@
+"""`imid-rems` command line.
+
+``imid-rems evaluate REQUEST.json [--now ISO] [--tz ZONE] [--config FILE]`` prints the CDS Hooks
+response the service answers for a request: ``{"cards": [...]}``. Bad input exits 2 with a message
+that names the field; it never prints an empty answer for a request it could not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import ValidationError
+
+from cds_hooks.service import evaluate_request, parse_request
+from cds_hooks.settings import Settings, get_settings
+from fhir_mappings import InvalidInput
+from rems.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _now(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now().astimezone()
+    try:
+        now = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput("--now", f"not an ISO 8601 date-time: {text!r}") from None
+    if now.tzinfo is None:
+        raise InvalidInput("--now", f"needs a UTC offset (e.g. 2026-11-21T10:00:00-05:00): {text!r}")
+    return now
+
+
+def _load_json(path: Path, limit: int) -> Any:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidInput(str(path), f"cannot read: {exc.strerror}") from None
+    if size > limit:
+        raise InvalidInput(str(path), f"{size} bytes; requests over {limit} bytes are refused", 413)
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(str(path), f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(str(path), "not UTF-8 text") from None
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    zone = settings.zone()
+    if args.tz:
+        try:
+            zone = ZoneInfo(args.tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidInput("--tz", f"unknown IANA time zone {args.tz!r}") from None
+    config = settings.rems_config()
+    if args.config:
+        config = load_config(Path(args.config).read_text(encoding="utf-8"))
+    request = parse_request(_load_json(Path(args.request), settings.max_body_bytes))
+    response = evaluate_request(request, now=_now(args.now), zone=zone, config=config)
+    sys.stdout.write(json.dumps(response.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imid-rems", description="IMiD REMS checks for EHRs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="print the CDS Hooks response for one request file")
+    ev.add_argument("request", help="CDS Hooks request JSON (hook, context, prefetch)")
+    ev.add_argument("--now", help="evaluation clock, ISO 8601 with offset (default: now)")
+    ev.add_argument("--tz", help="clinic IANA time zone (default: $IMID_REMS_CLINIC_TZ or the server's)")
+    ev.add_argument("--config", help="institution override TOML for programs/protocol")
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        code: int = args.func(args, settings)
+        return code
+    except InvalidInput as exc:
+        sys.stderr.write(f"imid-rems: error: {exc.path}: {exc.message}\n")
+        return EXIT_BAD_INPUT
+    except (ConfigError, ValidationError, OSError) as exc:
+        sys.stderr.write(f"imid-rems: error: {exc}\n")
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

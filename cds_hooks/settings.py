@@ -1,0 +1,64 @@
+"""Service settings from the environment (``IMID_REMS_*``), built by `get_settings()` — no import-time
+instance, so tests and commands build their own."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, tzinfo
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rems.config import Config, default_config, load_config
+
+
+def server_zone() -> tzinfo:
+    """The server's IANA zone (DST-aware): $TZ, else the /etc/localtime link, else a fixed offset."""
+    name = os.environ.get("TZ", "").lstrip(":")
+    if name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    try:
+        target = os.path.realpath("/etc/localtime")
+        if "zoneinfo/" in target:
+            return ZoneInfo(target.split("zoneinfo/", 1)[1])
+    except (OSError, ZoneInfoNotFoundError, ValueError):
+        pass
+    return datetime.now().astimezone().tzinfo or ZoneInfo("UTC")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMID_REMS_", frozen=True)
+
+    clinic_tz: str | None = None
+    """IANA zone in which REMS calendar days are counted; default the server's zone."""
+    config: Path | None = None
+    """Institution override TOML for programs/protocol (merged over rems/data/*.toml)."""
+    max_body_bytes: int = 2_000_000
+    """Largest hook request accepted (a full prefetch is ~50 kB; 2 MB leaves room for long charts)."""
+
+    @field_validator("clinic_tz")
+    @classmethod
+    def _zone_exists(cls, v: str | None) -> str | None:
+        if v:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown IANA time zone {v!r}") from None
+        return v
+
+    def zone(self) -> tzinfo:
+        return ZoneInfo(self.clinic_tz) if self.clinic_tz else server_zone()
+
+    def rems_config(self) -> Config:
+        if self.config is None:
+            return default_config()
+        return load_config(self.config.read_text(encoding="utf-8"))
+
+
+def get_settings() -> Settings:
+    return Settings()
