@@ -66,13 +66,12 @@ def _may_be_imid(raw_entries: list[Any]) -> bool:
         mcc = res.get("medicationCodeableConcept")
         if not isinstance(mcc, dict):
             continue
-        text = " ".join([str(mcc.get("text", ""))] + [
-            f"{c.get('code', '')} {c.get('display', '')}" for c in mcc.get("coding", []) if isinstance(c, dict)
-        ]).lower()
+        text = " ".join(
+            [str(mcc.get("text", ""))]
+            + [f"{c.get('code', '')} {c.get('display', '')}" for c in mcc.get("coding", []) if isinstance(c, dict)]
+        ).lower()
         for imid in codes.imids:
-            if any(t in text for t in imid.text) or any(
-                code in text.split() for code in (*imid.generic, *imid.brand)
-            ):
+            if any(t in text for t in imid.text) or any(code in text.split() for code in (*imid.generic, *imid.brand)):
                 return True
     return False
 
@@ -112,16 +111,22 @@ def evaluate_request(
     if patient.id != patient_id:
         raise InvalidInput("prefetch.patient.id", f"{patient.id!r} is not context.patientId {patient_id!r}")
     chart = index_prefetch(prefetch)
-    case = build_case(patient=patient, drafts=drafts, chart=chart, now=now, zone=zone,
-                      user=getattr(context, "userId", None), config=config)
+    case = build_case(
+        patient=patient,
+        drafts=drafts,
+        chart=chart,
+        now=now,
+        zone=zone,
+        user=getattr(context, "userId", None),
+        config=config,
+    )
+    only: set[str] | None = None
     if isinstance(context, OrderSelectContext) and context.selections:
-        selected = set(context.selections)
-        case = dataclasses.replace(case, orders=tuple(o for o in case.orders if o.reference in selected))
+        only = set(context.selections)
     if request.hook == "patient-view":
         # Until the REMS status card exists (issue 3), patient-view reports the findings on the
         # patient's active IMiD orders, as if each were being renewed today.
         active = tuple(o for o in case.chart.imid_orders if o.status == "active")
         case = dataclasses.replace(case, orders=active)
-    findings = evaluate(case, config)
+    findings = evaluate(case, config, only=only)
     return CdsResponse(cards=cards_for(findings, request.hookInstance))
-

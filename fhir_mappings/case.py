@@ -8,6 +8,7 @@ mixing two patients' data in a safety check is worse than no answer.
 from __future__ import annotations
 
 from datetime import datetime, tzinfo
+
 from fhir.resources.R4B.resource import Resource
 
 from fhir_mappings import medication as med
@@ -31,8 +32,9 @@ def _check_subject(resource: Resource, patient_ref: str, path: str) -> None:
     for name in _SUBJECT_FIELDS:
         target = reference_of(getattr(resource, name, None))
         if target and target.startswith("Patient/") and target != patient_ref:
-            raise InvalidInput(f"{path}.{name}.reference",
-                               f"{target!r} is not the patient in context ({patient_ref!r})", 422)
+            raise InvalidInput(
+                f"{path}.{name}.reference", f"{target!r} is not the patient in context ({patient_ref!r})", 422
+            )
 
 
 def build_case(
@@ -62,8 +64,7 @@ def build_case(
     for i, d in enumerate(drafts):
         _check_subject(d, patient_ref, f"drafts[{i}]")
     today = local_day(now, zone)
-    adult = (age_in_years(facts.birth_date, today) >= config.rems.adult_age_years
-             if facts.birth_date else None)
+    adult = age_in_years(facts.birth_date, today) >= config.rems.adult_age_years if facts.birth_date else None
 
     draft_refs = {ref(d) for d in drafts}
     orders: list[ImidOrder] = []
@@ -91,8 +92,7 @@ def build_case(
             if at is not None:
                 antithrombotics.append(at)
 
-    dispenses = [x for md in chart.of("MedicationDispense")
-                 if (x := med.imid_dispense(md, chart, codes)) is not None]
+    dispenses = [x for md in chart.of("MedicationDispense") if (x := med.imid_dispense(md, chart, codes)) is not None]
     observations = chart.of("Observation")
     conditions = chart.of("Condition")
     tests, unreadable_tests = obs.pregnancy_tests(observations, codes, config.rems)
@@ -107,8 +107,9 @@ def build_case(
             dispenses=tuple(dispenses),
             pregnancy_tests=tuple(tests),
             pregnancy_statuses=tuple(obs.pregnancy_statuses(observations, codes)),
-            nrp_evidence=tuple(obs.nrp_evidence(chart.of("Procedure"), conditions, observations, codes,
-                                                facts.birth_date)),
+            nrp_evidence=tuple(
+                obs.nrp_evidence(chart.of("Procedure"), conditions, observations, codes, facts.birth_date)
+            ),
             labs=tuple(lab_values),
             antithrombotics=tuple(antithrombotics),
             indications=tuple(med.condition_indications(conditions, codes)),
@@ -118,5 +119,3 @@ def build_case(
         ),
         prescriber_reference=user,
     )
-
-

@@ -54,19 +54,47 @@ _AUTH = re.compile(
 )
 _CATEGORY_AFTER = re.compile(r"risk\s*category\s*[:#-]?\s*([^\n;|]*)", re.IGNORECASE)
 _CYCLE = (
-    re.compile(r"days?\s*1\s*(?:-|–|—|to|through|thru)\s*(\d+)\s*(?:of|every|q)\s*(?:each|a|every|the)?\s*"
-               r"(\d+)[-\s]*day", re.IGNORECASE),
+    re.compile(
+        r"days?\s*1\s*(?:-|–|—|to|through|thru)\s*(\d+)\s*(?:of|every|q)\s*(?:each|a|every|the)?\s*"
+        r"(\d+)[-\s]*day",
+        re.IGNORECASE,
+    ),
     re.compile(r"(\d+)\s*days?\s*on\s*[,/;]?\s*(?:and\s*)?(\d+)\s*days?\s*off", re.IGNORECASE),
 )
 _DAILY_TEXT = re.compile(r"\b(?:once\s+(?:a\s+)?daily|daily|every\s+day|once\s+a\s+day|qd|q\.d\.)\b", re.IGNORECASE)
-_CAPSULE_UNITS = {"capsule", "capsules", "capsule(s)", "cap", "caps", "{capsule}", "{capsules}", "{cap}",
-                  "{caps}", "{capsule(s)}", "ea", "each", "1", "{count}", "{unit}", "unit", "units"}
+_CAPSULE_UNITS = {
+    "capsule",
+    "capsules",
+    "capsule(s)",
+    "cap",
+    "caps",
+    "{capsule}",
+    "{capsules}",
+    "{cap}",
+    "{caps}",
+    "{capsule(s)}",
+    "ea",
+    "each",
+    "1",
+    "{count}",
+    "{unit}",
+    "unit",
+    "units",
+}
 _CAPSULE_CODES = {"CAP", "385049006", "428641000"}
 _DAY_UNITS: dict[str, Decimal] = {
-    "d": Decimal(1), "day": Decimal(1), "days": Decimal(1),
-    "wk": Decimal(7), "week": Decimal(7), "weeks": Decimal(7),
-    "mo": Decimal(30), "month": Decimal(30), "months": Decimal(30),
-    "h": Decimal(1) / 24, "hour": Decimal(1) / 24, "hours": Decimal(1) / 24,
+    "d": Decimal(1),
+    "day": Decimal(1),
+    "days": Decimal(1),
+    "wk": Decimal(7),
+    "week": Decimal(7),
+    "weeks": Decimal(7),
+    "mo": Decimal(30),
+    "month": Decimal(30),
+    "months": Decimal(30),
+    "h": Decimal(1) / 24,
+    "hour": Decimal(1) / 24,
+    "hours": Decimal(1) / 24,
 }
 
 # Names on the REMS forms (longest first so "can not" wins over "can"), then the older names. Older
@@ -78,8 +106,14 @@ _CATEGORY_NAMES: tuple[tuple[re.Pattern[str], RiskCategory | str], ...] = tuple(
         (r"adult[-\s]female[-\s]rp\b", RiskCategory.ADULT_FEMALE_RP),
         (r"child[-\s]female[-\s]nrp\b", RiskCategory.CHILD_FEMALE_NRP),
         (r"child[-\s]female[-\s]rp\b", RiskCategory.CHILD_FEMALE_RP),
-        (r"adult\s+females?\s+who\s+(?:can\s*not|cannot|can't)\s+(?:get|become)\s+pregnant", RiskCategory.ADULT_FEMALE_NRP),
-        (r"female\s+child(?:ren)?\s+who\s+(?:can\s*not|cannot|can't)\s+(?:get|become)\s+pregnant", RiskCategory.CHILD_FEMALE_NRP),
+        (
+            r"adult\s+females?\s+who\s+(?:can\s*not|cannot|can't)\s+(?:get|become)\s+pregnant",
+            RiskCategory.ADULT_FEMALE_NRP,
+        ),
+        (
+            r"female\s+child(?:ren)?\s+who\s+(?:can\s*not|cannot|can't)\s+(?:get|become)\s+pregnant",
+            RiskCategory.CHILD_FEMALE_NRP,
+        ),
         (r"adult\s+females?\s+who\s+can\s+(?:get|become)\s+pregnant", RiskCategory.ADULT_FEMALE_RP),
         (r"female\s+child(?:ren)?\s+who\s+can\s+(?:get|become)\s+pregnant", RiskCategory.CHILD_FEMALE_RP),
         (r"\badult[-\s]males?\b", RiskCategory.ADULT_MALE),
@@ -227,8 +261,7 @@ def _supply(mr: MedicationRequest, dose: Dose) -> tuple[SupplyDays | None, str |
         k, c = dose.days_on_per_cycle, dose.cycle_days
         n = int(dose_days)
         days = Decimal((n // k) * c + n % k)
-        how = (f"{q.value} capsules at {dose.capsules_per_day.normalize():f} a day on days 1-{k} of "
-               f"{c}-day cycles")
+        how = f"{q.value} capsules at {dose.capsules_per_day.normalize():f} a day on days 1-{k} of {c}-day cycles"
     else:
         days = dose_days
         how = f"{q.value} capsules at {dose.capsules_per_day.normalize():f} a day"
@@ -259,8 +292,11 @@ def _category_from_text(text: str, adult: bool | None) -> RiskCategory | str | N
                 if isinstance(cat, RiskCategory):
                     return cat
                 grown = adult is None or adult
-                return RiskCategory(f"{'adult' if grown else 'child'}-{cat}") if cat != "male" else (
-                    RiskCategory.ADULT_MALE if grown else RiskCategory.CHILD_MALE)
+                return (
+                    RiskCategory(f"{'adult' if grown else 'child'}-{cat}")
+                    if cat != "male"
+                    else (RiskCategory.ADULT_MALE if grown else RiskCategory.CHILD_MALE)
+                )
         if said:
             return said[:80]
     return None
@@ -310,8 +346,11 @@ def _indications(concepts: list[Any], codes: Codes, source: str) -> list[Indicat
         sct = codes_in(concept, codes.snomed)
         text = concept_text(concept).lower()
         for ind in codes.indications:
-            if (any(c.startswith(p) for c in icd for p in ind.icd10cm_prefix) or sct & ind.snomed
-                    or any(t in text for t in ind.text)):
+            if (
+                any(c.startswith(p) for c in icd for p in ind.icd10cm_prefix)
+                or sct & ind.snomed
+                or any(t in text for t in ind.text)
+            ):
                 out.append(Indication(ind.key, source))
                 break
     return out

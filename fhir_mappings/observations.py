@@ -119,7 +119,7 @@ def pregnancy_result(obs: Any, codes: Codes, rules: RemsRules) -> tuple[TestResu
             sig = _text_signal(concept_text(concept), codes)
             if sig:
                 signals.append(sig)
-        shown.append(concept_text(concept) or ",".join(sorted(c for c in found if c)))
+        shown.append(concept_text(concept) or ",".join(sorted(c for c in found if c is not None)))
     if obs.valueString:
         shown.append(obs.valueString)
         sig = _text_signal(obs.valueString, codes)
@@ -131,7 +131,7 @@ def pregnancy_result(obs: Any, codes: Codes, rules: RemsRules) -> tuple[TestResu
         sig = _quantity_signal(obs, rules)
         if sig:
             signals.append(sig)
-    interp = {c for _, c, _ in codings(obs.interpretation)}
+    interp = {c for _, c, _ in codings(obs.interpretation) if c is not None}
     if interp & codes.preg_negative_interp:
         signals.append(TestResult.NEGATIVE)
         shown.append("interpretation " + ",".join(sorted(interp)))
@@ -139,13 +139,16 @@ def pregnancy_result(obs: Any, codes: Codes, rules: RemsRules) -> tuple[TestResu
         signals.append(TestResult.POSITIVE)
         shown.append("interpretation " + ",".join(sorted(interp)))
     text = "; ".join(s for s in shown if s) or (
-        "data absent: " + concept_text(obs.dataAbsentReason) if obs.dataAbsentReason else "no value")
+        "data absent: " + concept_text(obs.dataAbsentReason) if obs.dataAbsentReason else "no value"
+    )
     if signals and all(s is signals[0] for s in signals):
         return signals[0], text
     return TestResult.UNREADABLE, text
 
 
-def pregnancy_tests(observations: list[Resource], codes: Codes, rules: RemsRules) -> tuple[list[PregnancyTest], list[str]]:
+def pregnancy_tests(
+    observations: list[Resource], codes: Codes, rules: RemsRules
+) -> tuple[list[PregnancyTest], list[str]]:
     tests: list[PregnancyTest] = []
     unreadable: list[str] = []
     for obs in observations:
@@ -181,16 +184,34 @@ def pregnancy_statuses(observations: list[Resource], codes: Codes) -> list[Pregn
     return out
 
 
-_MASS_TO_KG = {"kg": Decimal(1), "g": Decimal("0.001"), "lb_av": Decimal("0.45359237"),
-               "lb": Decimal("0.45359237"), "lbs": Decimal("0.45359237")}
-_COUNT_TO_E9 = {
-    "10*3/ul": Decimal(1), "10^3/ul": Decimal(1), "x10e3/ul": Decimal(1), "k/ul": Decimal(1),
-    "thou/ul": Decimal(1), "10*9/l": Decimal(1), "10^9/l": Decimal(1), "x10e9/l": Decimal(1),
-    "/ul": Decimal("0.001"), "cells/ul": Decimal("0.001"), "/mm3": Decimal("0.001"),
-    "cells/mm3": Decimal("0.001"), "{cells}/ul": Decimal("0.001"), "10*3/mm3": Decimal(1),
+_MASS_TO_KG = {
+    "kg": Decimal(1),
+    "g": Decimal("0.001"),
+    "lb_av": Decimal("0.45359237"),
+    "lb": Decimal("0.45359237"),
+    "lbs": Decimal("0.45359237"),
 }
-_CREAT_TO_MG_DL = {"mg/dl": Decimal(1), "umol/l": Decimal(1) / Decimal("88.42"),
-                   "µmol/l": Decimal(1) / Decimal("88.42")}
+_COUNT_TO_E9 = {
+    "10*3/ul": Decimal(1),
+    "10^3/ul": Decimal(1),
+    "x10e3/ul": Decimal(1),
+    "k/ul": Decimal(1),
+    "thou/ul": Decimal(1),
+    "10*9/l": Decimal(1),
+    "10^9/l": Decimal(1),
+    "x10e9/l": Decimal(1),
+    "/ul": Decimal("0.001"),
+    "cells/ul": Decimal("0.001"),
+    "/mm3": Decimal("0.001"),
+    "cells/mm3": Decimal("0.001"),
+    "{cells}/ul": Decimal("0.001"),
+    "10*3/mm3": Decimal(1),
+}
+_CREAT_TO_MG_DL = {
+    "mg/dl": Decimal(1),
+    "umol/l": Decimal(1) / Decimal("88.42"),
+    "µmol/l": Decimal(1) / Decimal("88.42"),
+}
 
 
 def _lab_factor(kind: LabKind, unit: str) -> Decimal | None:
@@ -228,8 +249,11 @@ def _nrp_kind(concept: Any, codes: Codes) -> NrpEvidenceKind | None:
     sct = codes_in(concept, codes.snomed)
     icd = codes_in(concept, codes.icd10cm)
     # Hysterectomy first: codes listed under both (e.g. TAH-BSO) are hysterectomies.
-    for kind in (NrpEvidenceKind.HYSTERECTOMY, NrpEvidenceKind.BILATERAL_OOPHORECTOMY,
-                 NrpEvidenceKind.NATURAL_MENOPAUSE):
+    for kind in (
+        NrpEvidenceKind.HYSTERECTOMY,
+        NrpEvidenceKind.BILATERAL_OOPHORECTOMY,
+        NrpEvidenceKind.NATURAL_MENOPAUSE,
+    ):
         s, i = codes.nrp.get(kind, (frozenset(), frozenset()))
         if sct & s or icd & i:
             return kind
@@ -237,8 +261,11 @@ def _nrp_kind(concept: Any, codes: Codes) -> NrpEvidenceKind | None:
 
 
 def nrp_evidence(
-    procedures: list[Resource], conditions: list[Resource], observations: list[Resource],
-    codes: Codes, birth_date: date | None,
+    procedures: list[Resource],
+    conditions: list[Resource],
+    observations: list[Resource],
+    codes: Codes,
+    birth_date: date | None,
 ) -> list[NrpEvidence]:
     out: list[NrpEvidence] = []
     for proc in procedures:
@@ -248,7 +275,8 @@ def nrp_evidence(
         if kind is None:
             continue
         since = as_date(proc.performedDateTime) or (
-            as_date(proc.performedPeriod.start) if proc.performedPeriod is not None else None)
+            as_date(proc.performedPeriod.start) if proc.performedPeriod is not None else None
+        )
         out.append(NrpEvidence(ref(proc), kind, since, concept_text(proc.code)))
     for cond in conditions:
         if not condition_in_effect(cond):
@@ -257,7 +285,8 @@ def nrp_evidence(
         if kind is None:
             continue
         since = as_date(cond.onsetDateTime) or (
-            as_date(cond.onsetPeriod.start) if cond.onsetPeriod is not None else None)
+            as_date(cond.onsetPeriod.start) if cond.onsetPeriod is not None else None
+        )
         if since is None and kind is not NrpEvidenceKind.NATURAL_MENOPAUSE:
             since = as_date(cond.recordedDate)
         out.append(NrpEvidence(ref(cond), kind, since, concept_text(cond.code)))
@@ -272,8 +301,14 @@ def nrp_evidence(
                 since = birth_date.replace(year=birth_date.year + int(years))
             except ValueError:  # 29 February
                 since = date(birth_date.year + int(years), 3, 1)
-            out.append(NrpEvidence(ref(obs), NrpEvidenceKind.NATURAL_MENOPAUSE, since,
-                                   f"age at menopause {years.normalize():f}"))
+            out.append(
+                NrpEvidence(
+                    ref(obs),
+                    NrpEvidenceKind.NATURAL_MENOPAUSE,
+                    since,
+                    f"age at menopause {years.normalize():f}",
+                )
+            )
     return out
 
 
@@ -285,5 +320,3 @@ def regular_cycles(observations: list[Resource], conditions: list[Resource], cod
         if any({c for _, c, _ in codings(x)} & codes.regular_cycles for x in concepts):
             return True
     return False
-
-

@@ -53,9 +53,7 @@ def parse_resource(raw: Any, path: str, allowed: Iterable[str] | None = None) ->
         raise InvalidInput(where, f"{err['msg']}; got {shown}{more}", 422) from None
 
 
-def parse_bundle_entries(
-    raw: Any, path: str, allowed: Iterable[str] | None = None
-) -> list[tuple[str, Resource]]:
+def parse_bundle_entries(raw: Any, path: str, allowed: Iterable[str] | None = None) -> list[tuple[str, Resource]]:
     """The resources of a Bundle (entries with `search.mode` = outcome are server messages, skipped)."""
     if not isinstance(raw, dict) or raw.get("resourceType") != "Bundle":
         got = raw.get("resourceType") if isinstance(raw, dict) else type(raw).__name__
@@ -106,7 +104,7 @@ class ResourceIndex:
         if reference.startswith("#"):
             for c in getattr(container, "contained", None) or []:
                 if getattr(c, "id", None) == reference[1:]:
-                    return c  # type: ignore[no-any-return]
+                    return c
             return None
         parts = reference.rstrip("/").split("/")
         if len(parts) >= 2:

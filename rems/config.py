@@ -10,8 +10,8 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from decimal import Decimal
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -152,18 +152,16 @@ def _build(raw: Mapping[str, Any]) -> Config:
             "rems.dispense_when_days_left_at_most", _get(r, "rems", "dispense_when_days_left_at_most")
         ),
         test_valid_days=_int("rems.test_valid_days", _get(r, "rems", "test_valid_days")),
-        initiation_lookback_days=_int(
-            "rems.initiation_lookback_days", _get(r, "rems", "initiation_lookback_days")
+        initiation_lookback_days=_int("rems.initiation_lookback_days", _get(r, "rems", "initiation_lookback_days")),
+        initiation_early_test_days=(
+            _int("rems.initiation_early_test_days", early[0]),
+            _int("rems.initiation_early_test_days", early[1]),
         ),
-        initiation_early_test_days=(_int("rems.initiation_early_test_days", early[0]),
-                                    _int("rems.initiation_early_test_days", early[1])),
         initiation_recent_test_hours=_int(
             "rems.initiation_recent_test_hours", _get(r, "rems", "initiation_recent_test_hours")
         ),
         nrp_recent_test_days=_int("rems.nrp_recent_test_days", _get(r, "rems", "nrp_recent_test_days")),
-        reproductive_age_years=_int(
-            "rems.reproductive_age_years", _get(r, "rems", "reproductive_age_years")
-        ),
+        reproductive_age_years=_int("rems.reproductive_age_years", _get(r, "rems", "reproductive_age_years")),
         adult_age_years=_int("rems.adult_age_years", _get(r, "rems", "adult_age_years")),
         menopause_months=_int("rems.menopause_months", _get(r, "rems", "menopause_months")),
         count_preliminary_tests=bool(_get(r, "rems", "count_preliminary_tests")),
@@ -195,8 +193,7 @@ def _build(raw: Mapping[str, Any]) -> Config:
             brand_names=tuple(str(x).lower() for x in d.get("brand_names", [])),
             generic_preferred=bool(d.get("generic_preferred", False)),
             dose_caps_mg={
-                str(k): _dec(f"drug.{drug.value}.dose_caps_mg.{k}", v)
-                for k, v in d.get("dose_caps_mg", {}).items()
+                str(k): _dec(f"drug.{drug.value}.dose_caps_mg.{k}", v) for k, v in d.get("dose_caps_mg", {}).items()
             },
         )
         p = _get(raw["protocol"], "protocol", drug.value)
@@ -221,6 +218,4 @@ def _build(raw: Mapping[str, Any]) -> Config:
         if level not in ("info", "warning"):
             raise ConfigError(f"protocol.severity.{code}: expected 'info' or 'warning', got {level!r}")
         severity[str(code)] = level
-    return Config(
-        rems=rems, coverage=coverage, programs=programs, protocol=protocol, review_severity=severity
-    )
+    return Config(rems=rems, coverage=coverage, programs=programs, protocol=protocol, review_severity=severity)

@@ -133,8 +133,13 @@ def current_supply(case: Case, config: Config, order: ImidOrder) -> SupplyWindow
         if d.days_supply is None:
             continue
         start = local_day(d.handed_over, zone)
-        consider(SupplyWindow(d.reference, supply_runs_out(start, d.days_supply),
-                              f"handed over {start.isoformat()} for {d.days_supply} days"))
+        consider(
+            SupplyWindow(
+                d.reference,
+                supply_runs_out(start, d.days_supply),
+                f"handed over {start.isoformat()} for {d.days_supply} days",
+            )
+        )
     for o in case.chart.imid_orders:
         if (
             o.drug is not order.drug
@@ -145,8 +150,13 @@ def current_supply(case: Case, config: Config, order: ImidOrder) -> SupplyWindow
             or o.supply is None
         ):
             continue
-        consider(SupplyWindow(o.reference, supply_runs_out(o.start, o.supply.days),
-                              f"ordered from {o.start.isoformat()} for {o.supply.days} days (no dispense on file)"))
+        consider(
+            SupplyWindow(
+                o.reference,
+                supply_runs_out(o.start, o.supply.days),
+                f"ordered from {o.start.isoformat()} for {o.supply.days} days (no dispense on file)",
+            )
+        )
     return best
 
 
@@ -178,9 +188,9 @@ def settled_nrp_evidence(case: Case, config: Config, on: date) -> tuple[NrpEvide
     for e in case.chart.nrp_evidence:
         if e.since is not None and e.since > on:
             continue
-        if e.kind is NrpEvidenceKind.NATURAL_MENOPAUSE:
-            if e.since is None or months_between(e.since, on) < config.rems.menopause_months:
-                continue
+        too_recent = e.since is None or months_between(e.since, on) < config.rems.menopause_months
+        if e.kind is NrpEvidenceKind.NATURAL_MENOPAUSE and too_recent:
+            continue
         out.append(e)
     return tuple(out)
 
@@ -223,8 +233,7 @@ def therapy_start(view: OrderView, drug: Drug) -> date:
             d = _when_day(o.authored_on, view.case) or o.start
             if d is not None:
                 days.append(d)
-    days.extend(local_day(d.handed_over, view.case.clinic_zone)
-                for d in view.case.chart.dispenses if d.drug is drug)
+    days.extend(local_day(d.handed_over, view.case.clinic_zone) for d in view.case.chart.dispenses if d.drug is drug)
     return min(days, default=view.today)
 
 

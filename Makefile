@@ -1,0 +1,46 @@
+# The two commands: `make run` and `make test`. Each creates what it needs (.venv) itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+NOW ?= 2026-11-21T10:00:00-05:00
+TZ_CLINIC ?= America/New_York
+EXAMPLES := lenalidomide-adult-male-clean frp-test-exactly-7-days-stale-8-days supply-29-days-and-refills
+
+.PHONY: install run test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: evaluate the example requests and print the CDS Hooks answers (the HTTP service comes next)
+run: $(STAMP)
+	@for name in $(EXAMPLES); do \
+	  dir=tests/scenarios/$$name; \
+	  now=$$($(BIN)/python -c "import json,sys; print(json.load(open(sys.argv[1]))['now'])" $$dir/expected.json); \
+	  tz=$$($(BIN)/python -c "import json,sys; print(json.load(open(sys.argv[1]))['timezone'])" $$dir/expected.json); \
+	  echo "== $$name (now $$now, clinic zone $$tz)"; \
+	  $(BIN)/imid-rems evaluate $$dir/request.json --now "$$now" --tz "$$tz" || exit $$?; \
+	done
+
+## test: lint, type-check, then every test (unit, contract, scenario corpus)
+test: lint typecheck
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## bench: in-process evaluation latency over the scenario corpus (timing never gates the tests)
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench_evaluate
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,76 @@
+"""The scenario corpus: every `tests/scenarios/<name>/request.json` answered by `imid-rems evaluate`
+gives exactly the rule codes in its `expected.json` (sorted, one per card)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cds_hooks.cli import main
+
+HERE = Path(__file__).parent
+SCENARIOS = sorted(p.parent.name for p in HERE.glob("*/request.json"))
+
+
+def expected(name: str) -> dict[str, object]:
+    data: dict[str, object] = json.loads((HERE / name / "expected.json").read_text(encoding="utf-8"))
+    return data
+
+
+def run_cli(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    exp = expected(name)
+    code = main(
+        [
+            "evaluate",
+            str(HERE / name / "request.json"),
+            "--now",
+            str(exp["now"]),
+            "--tz",
+            str(exp["timezone"]),
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result: dict[str, object] = json.loads(out.out)
+    return result
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(SCENARIOS) >= 40
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_codes(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    response = run_cli(name, capsys)
+    cards = response["cards"]
+    assert isinstance(cards, list)
+    got = sorted(card["source"]["topic"]["code"] for card in cards)
+    assert got == expected(name)["codes"], expected(name)["description"]
+
+
+def test_console_script_answers_like_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    """The installed `imid-rems` entry point prints the same JSON as the in-process call."""
+    name = SCENARIOS[0]
+    exp = expected(name)
+    script = Path(sys.executable).parent / "imid-rems"
+    proc = subprocess.run(
+        [
+            str(script),
+            "evaluate",
+            str(HERE / name / "request.json"),
+            "--now",
+            str(exp["now"]),
+            "--tz",
+            str(exp["timezone"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == run_cli(name, capsys)
