@@ -102,9 +102,46 @@ def _dec(path: str, value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ConfigError(f"{path}: expected a number, got {value!r}")
     try:
-        return Decimal(str(value))
+        number = Decimal(str(value))
     except ArithmeticError as exc:
         raise ConfigError(f"{path}: expected a number, got {value!r}") from exc
+    if not number.is_finite():
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+    return number
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    return value
+
+
+def _strs(path: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{path}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _table(parent: Mapping[str, Any], path: str, key: str) -> Mapping[str, Any]:
+    value = _get(parent, path, key)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}.{key}: expected a table, got {value!r}")
+    return value
+
+
+_FREE_FORM = ("dose_caps_mg",)
+"""Tables whose keys are the institution's to choose (indication names)."""
+
+
+def _unknown_keys(override: Mapping[str, Any], known: Mapping[str, Any], path: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in override.items():
+        where = f"{path}.{key}" if path else key
+        if key not in known:
+            out.append(where)
+        elif isinstance(value, Mapping) and isinstance(known[key], Mapping) and key not in _FREE_FORM:
+            out.extend(_unknown_keys(value, known[key], where))
+    return out
 
 
 def _int(path: str, value: Any) -> int:
@@ -115,7 +152,7 @@ def _int(path: str, value: Any) -> int:
 
 def _get(table: Mapping[str, Any], path: str, key: str) -> Any:
     if key not in table:
-        raise ConfigError(f"{path}.{key}: missing")
+        raise ConfigError(f"{path}.{key}: missing" if path else f"{key}: missing")
     return table[key]
 
 
@@ -130,9 +167,14 @@ def load_config(*overrides: str) -> Config:
     raw = _merge(_read_default("programs.toml"), _read_default("protocol.toml"))
     for i, text in enumerate(overrides):
         try:
-            raw = _merge(raw, tomllib.loads(text))
+            override = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"override #{i + 1}: not valid TOML: {exc}") from exc
+        unknown = _unknown_keys(override, raw)
+        if unknown:
+            # A misspelt threshold silently ignored would leave the default in force unnoticed.
+            raise ConfigError(f"override #{i + 1}: unknown key(s) {', '.join(unknown)}")
+        raw = _merge(raw, override)
     try:
         return _build(raw)
     except (KeyError, TypeError, AttributeError) as exc:
@@ -140,10 +182,15 @@ def load_config(*overrides: str) -> Config:
 
 
 def _build(raw: Mapping[str, Any]) -> Config:
-    r = raw["rems"]
-    sched = r["test_schedule"]
+    r = _table(raw, "", "rems")
+    sched = _table(r, "rems", "test_schedule")
     early = _get(r, "rems", "initiation_early_test_days")
-    if not (isinstance(early, list) and len(early) == 2 and 0 <= early[0] <= early[1]):
+    if not (
+        isinstance(early, list)
+        and len(early) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in early)
+        and 0 <= early[0] <= early[1]
+    ):
         raise ConfigError(f"rems.initiation_early_test_days: expected [low, high], got {early!r}")
     rems = RemsRules(
         max_supply_days=_int("rems.max_supply_days", _get(r, "rems", "max_supply_days")),
@@ -164,25 +211,31 @@ def _build(raw: Mapping[str, Any]) -> Config:
         reproductive_age_years=_int("rems.reproductive_age_years", _get(r, "rems", "reproductive_age_years")),
         adult_age_years=_int("rems.adult_age_years", _get(r, "rems", "adult_age_years")),
         menopause_months=_int("rems.menopause_months", _get(r, "rems", "menopause_months")),
-        count_preliminary_tests=bool(_get(r, "rems", "count_preliminary_tests")),
+        count_preliminary_tests=_bool("rems.count_preliminary_tests", _get(r, "rems", "count_preliminary_tests")),
         quantitative_negative_below_miu_ml=_dec(
             "rems.quantitative_negative_below_miu_ml", _get(r, "rems", "quantitative_negative_below_miu_ml")
         ),
         test_schedule=TestSchedule(
-            weekly_for_weeks=_int("rems.test_schedule.weekly_for_weeks", sched["weekly_for_weeks"]),
+            weekly_for_weeks=_int(
+                "rems.test_schedule.weekly_for_weeks", _get(sched, "rems.test_schedule", "weekly_for_weeks")
+            ),
             regular_cycle_interval_days=_int(
-                "rems.test_schedule.regular_cycle_interval_days", sched["regular_cycle_interval_days"]
+                "rems.test_schedule.regular_cycle_interval_days",
+                _get(sched, "rems.test_schedule", "regular_cycle_interval_days"),
             ),
             irregular_cycle_interval_days=_int(
-                "rems.test_schedule.irregular_cycle_interval_days", sched["irregular_cycle_interval_days"]
+                "rems.test_schedule.irregular_cycle_interval_days",
+                _get(sched, "rems.test_schedule", "irregular_cycle_interval_days"),
             ),
         ),
     )
-    c = raw["coverage"]
+    c = _table(raw, "", "coverage")
     coverage = Coverage(
         min_age_years=_int("coverage.min_age_years", _get(c, "coverage", "min_age_years")),
-        specialist_taxonomy=frozenset(str(x) for x in _get(c, "coverage", "specialist_taxonomy")),
-        immunology_taxonomy=frozenset(str(x) for x in c.get("immunology_taxonomy", [])),
+        specialist_taxonomy=frozenset(
+            _strs("coverage.specialist_taxonomy", _get(c, "coverage", "specialist_taxonomy"))
+        ),
+        immunology_taxonomy=frozenset(_strs("coverage.immunology_taxonomy", c.get("immunology_taxonomy", []))),
     )
     programs: dict[Drug, Program] = {}
     protocol: dict[Drug, DrugProtocol] = {}
@@ -214,7 +267,7 @@ def _build(raw: Mapping[str, Any]) -> Config:
             creatinine_review_above=opt("creatinine_review_above"),
         )
     severity: dict[str, str] = {}
-    for code, level in raw["protocol"].get("severity", {}).items():
+    for code, level in _table(raw, "", "protocol").get("severity", {}).items():
         if level not in ("info", "warning"):
             raise ConfigError(f"protocol.severity.{code}: expected 'info' or 'warning', got {level!r}")
         severity[str(code)] = level

@@ -19,7 +19,7 @@ from rems.derive import (
     suggested_category,
     therapy_start,
 )
-from rems.findings import Evidence, Finding, Fix, FixKind, RuleCode, Severity
+from rems.findings import SUMMARY_MAX, Evidence, Finding, Fix, FixKind, RuleCode, Severity
 from rems.model import (
     LabKind,
     LabValue,
@@ -44,6 +44,8 @@ def _finding(
     fix: Fix | None = None,
     **data: str,
 ) -> Finding:
+    if len(summary) > SUMMARY_MAX:  # data-driven text (e.g. an institution's indication name) ran long
+        summary = summary[: SUMMARY_MAX - 1].rstrip() + "…"
     return Finding(
         code=code,
         severity=severity,
@@ -628,9 +630,10 @@ def renal(v: OrderView) -> Iterable[Finding]:
     if weight is None or v.age is None:
         return
     factor = Decimal("1") if v.case.patient.sex is Sex.MALE else Decimal("0.85")
-    crcl = (Decimal(140 - v.age) * weight.value * factor / (Decimal(72) * creat.value)).quantize(Decimal("1"))
-    if crcl >= p.crcl_review_below:
+    exact = Decimal(140 - v.age) * weight.value * factor / (Decimal(72) * creat.value)
+    if exact >= p.crcl_review_below:
         return
+    crcl = exact.quantize(Decimal("1"))
     yield _finding(
         v,
         RuleCode.RENAL_DOSE_REVIEW,
@@ -647,8 +650,12 @@ def renal(v: OrderView) -> Iterable[Finding]:
     )
 
 
+ANTITHROMBOTIC_IN_EFFECT = frozenset({"active", "draft"})
+"""Active in the chart, or drafted alongside the IMiD (status draft in the same order session)."""
+
+
 def vte(v: OrderView) -> Iterable[Finding]:
-    if v.case.chart.antithrombotics:
+    if any(m.status in ANTITHROMBOTIC_IN_EFFECT for m in v.case.chart.antithrombotics):
         return
     yield _finding(
         v,

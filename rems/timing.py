@@ -11,7 +11,7 @@ older, never younger).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import ROUND_CEILING, Decimal
 
 from rems.config import TestSchedule
@@ -27,10 +27,14 @@ def local_day(moment: datetime | date, zone: tzinfo) -> date:
 
 
 def earliest_instant(moment: datetime | date, zone: tzinfo) -> datetime:
-    """A timezone-aware instant; a bare date becomes the start of that clinic-local day."""
+    """The instant in UTC; a bare date becomes the start of that clinic-local day.
+
+    Always UTC: Python compares and subtracts two datetimes that share one tzinfo by wall clock,
+    which is wrong by an hour across a DST change ("within 24 hours" is elapsed time)."""
     if isinstance(moment, datetime):
-        return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
-    return datetime.combine(moment, time.min, tzinfo=zone)
+        aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
+        return aware.astimezone(UTC)
+    return datetime.combine(moment, time.min, tzinfo=zone).astimezone(UTC)
 
 
 def days_between(earlier: date, later: date) -> int:
