@@ -100,20 +100,29 @@ def evaluate_request(
             # Still validate the drafts: a malformed request is an error, not "no cards".
             parse_bundle_entries(drafts_raw, drafts_path)
             return CdsResponse(cards=[])
-    allowed = ("MedicationRequest",) if request.hook == "medication-refill" else None
-    drafts = [r for _, r in parse_bundle_entries(drafts_raw, drafts_path, allowed)] if drafts_raw else []
+    allowed = ("MedicationRequest", "Medication") if request.hook == "medication-refill" else None
+    entries = parse_bundle_entries(drafts_raw, drafts_path, allowed) if drafts_raw else []
+    # A Medication sent alongside the orders (medicationReference into the same Bundle) is data, not
+    # an order: it is indexed with the chart so references to it resolve.
+    drafts = [(p, r) for p, r in entries if r.get_resource_type() != "Medication"]
 
     prefetch = dict(request.prefetch or {})
     patient_raw = prefetch.pop("patient", None)
     if patient_raw is None:
         raise PrefetchMissing("patient", "the Patient is required and was not prefetched")
+    if isinstance(patient_raw, dict) and patient_raw.get("resourceType") == "OperationOutcome":
+        index_prefetch({"patient": patient_raw})  # raises the 412 that quotes the EHR's message
     patient = parse_resource(patient_raw, "prefetch.patient", ("Patient",))
     if patient.id != patient_id:
         raise InvalidInput("prefetch.patient.id", f"{patient.id!r} is not context.patientId {patient_id!r}")
     chart = index_prefetch(prefetch)
+    for p, r in entries:
+        if r.get_resource_type() == "Medication":
+            chart.add(r, p)
     case = build_case(
         patient=patient,
-        drafts=drafts,
+        drafts=[r for _, r in drafts],
+        draft_paths=[p for p, _ in drafts],
         chart=chart,
         now=now,
         zone=zone,

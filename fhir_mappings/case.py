@@ -42,6 +42,7 @@ def build_case(
     patient: Resource,
     drafts: list[Resource],
     chart: ResourceIndex,
+    draft_paths: list[str] | None = None,
     now: datetime,
     zone: tzinfo,
     user: str | None = None,
@@ -49,7 +50,11 @@ def build_case(
     config: Config | None = None,
 ) -> Case:
     """`drafts` are the orders under review (draftOrders / medications); only IMiD ones are judged,
-    the others may still matter (an anticoagulant in the same draft counts as prophylaxis)."""
+    the others may still matter (an anticoagulant in the same draft counts as prophylaxis).
+    `draft_paths` name each draft in the request, for error messages.
+
+    A draft whose medicationReference we cannot resolve (and which has no display to read) raises a
+    412 `InvalidInput`: we cannot tell whether it is an IMiD, and "no cards" would be a silent pass."""
     codes = codes or default_codes()
     config = config or default_config()
     if now.tzinfo is None:
@@ -61,18 +66,26 @@ def build_case(
             continue
         for r in resources:
             _check_subject(r, patient_ref, chart.path_of(r))
-    for i, d in enumerate(drafts):
-        _check_subject(d, patient_ref, f"drafts[{i}]")
+    paths = draft_paths or [f"drafts[{i}]" for i in range(len(drafts))]
+    for d, path in zip(drafts, paths, strict=True):
+        _check_subject(d, patient_ref, path)
     today = local_day(now, zone)
     adult = age_in_years(facts.birth_date, today) >= config.rems.adult_age_years if facts.birth_date else None
 
     draft_refs = {ref(d) for d in drafts}
     orders: list[ImidOrder] = []
     antithrombotics: list[OtherMedication] = []
-    for d in drafts:
+    for d, path in zip(drafts, paths, strict=True):
         if d.get_resource_type() != "MedicationRequest":
             continue
-        order = med.imid_order(d, chart, codes, zone, adult)
+        try:
+            order = med.imid_order(d, chart, codes, zone, adult)
+        except med.UnresolvedMedication as exc:
+            raise InvalidInput(
+                f"{path}.medicationReference",
+                f"{exc.reference!r} was not sent (prefetch or the same Bundle): cannot tell if it is an IMiD",
+                412,
+            ) from None
         if order is not None:
             orders.append(order)
         else:
@@ -81,10 +94,15 @@ def build_case(
                 antithrombotics.append(at)
 
     chart_orders: list[ImidOrder] = []
+    unreadable_orders: list[str] = []
     for mr in chart.of("MedicationRequest"):
         if ref(mr) in draft_refs or mr.status in ORDER_STATUSES_DROPPED:
             continue
-        order = med.imid_order(mr, chart, codes, zone, adult)
+        try:
+            order = med.imid_order(mr, chart, codes, zone, adult)
+        except med.UnresolvedMedication as exc:
+            unreadable_orders.append(f"{ref(mr)}: medication {exc.reference!r} not available")
+            continue
         if order is not None:
             chart_orders.append(order)
         elif mr.status in ANTITHROMBOTIC_STATUSES:
@@ -115,7 +133,7 @@ def build_case(
             indications=tuple(med.condition_indications(conditions, codes)),
             prescribers=tuple(prescribers(chart.of("PractitionerRole"), chart.of("Practitioner"), codes)),
             regular_cycles=obs.regular_cycles(observations, conditions, codes),
-            unreadable=tuple(unreadable_tests + unreadable_labs),
+            unreadable=tuple(unreadable_orders + unreadable_tests + unreadable_labs),
         ),
         prescriber_reference=user,
     )

@@ -56,12 +56,23 @@ _CATEGORY_AFTER = re.compile(r"risk\s*category\s*[:#-]?\s*([^\n;|]*)", re.IGNORE
 _CYCLE = (
     re.compile(
         r"days?\s*1\s*(?:-|–|—|to|through|thru)\s*(\d+)\s*(?:of|every|q)\s*(?:each|a|every|the)?\s*"
-        r"(\d+)[-\s]*day",
+        r"(\d+)(?![\d.])(?:[-\s]*days?)?",
         re.IGNORECASE,
     ),
     re.compile(r"(\d+)\s*days?\s*on\s*[,/;]?\s*(?:and\s*)?(\d+)\s*days?\s*off", re.IGNORECASE),
 )
-_DAILY_TEXT = re.compile(r"\b(?:once\s+(?:a\s+)?daily|daily|every\s+day|once\s+a\s+day|qd|q\.d\.)\b", re.IGNORECASE)
+# Frequency from free text, most specific first; anything else we cannot read stays unknown.
+_FREQUENCY_TEXT: tuple[tuple[re.Pattern[str], Decimal | None], ...] = (
+    (re.compile(r"\bevery\s+other\s+day\b|\bq\.?o\.?d\b|\bweekly\b|\bas\s+needed\b|\bprn\b", re.I), None),
+    (re.compile(r"\b(?:three\s+times|3\s*times|tid|t\.i\.d\.?)\b", re.I), Decimal(3)),
+    (re.compile(r"\b(?:twice|two\s+times|2\s*times|bid|b\.i\.d\.?)\b", re.I), Decimal(2)),
+    (
+        re.compile(
+            r"\b(?:once\s+(?:a\s+)?daily|daily|every\s+day|once\s+a\s+day|qd|q\.d\.?|nightly|at\s+bedtime)\b", re.I
+        ),
+        Decimal(1),
+    ),
+)
 _CAPSULE_UNITS = {
     "capsule",
     "capsules",
@@ -133,13 +144,27 @@ class MedicationIdentity:
     text: str
 
 
-def _medication_concept(resource: MedicationRequest | MedicationDispense, index: ResourceIndex) -> Any:
+class UnresolvedMedication(LookupError):
+    """A medicationReference that names no Medication we have and carries no display to read."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__(reference)
+        self.reference = reference
+
+
+def _medication_concept(resource: MedicationRequest | MedicationDispense, index: ResourceIndex) -> tuple[Any, str]:
+    """The medication's CodeableConcept (inline, or from the referenced Medication) and fallback text
+    (the reference's display). Raises `UnresolvedMedication` when neither can say what the drug is."""
     if resource.medicationCodeableConcept is not None:
-        return resource.medicationCodeableConcept
-    target = index.resolve(reference_of(resource.medicationReference), resource)
+        return resource.medicationCodeableConcept, ""
+    mref = resource.medicationReference
+    target = index.resolve(reference_of(mref), resource)
+    display = (getattr(mref, "display", None) or "") if mref is not None else ""
     if target is not None and target.get_resource_type() == "Medication":
-        return getattr(target, "code", None)
-    return None
+        return getattr(target, "code", None), display
+    if display or mref is None:
+        return None, display
+    raise UnresolvedMedication(reference_of(mref) or "(no reference)")
 
 
 def identify_imid(concept: Any, codes: Codes, fallback_text: str = "") -> MedicationIdentity | None:
@@ -195,7 +220,10 @@ def _doses_per_day(mr: MedicationRequest, text: str) -> Decimal | None:
             if unit_days is None or period <= 0:
                 return None
             return freq / (period * unit_days)
-    return Decimal(1) if _DAILY_TEXT.search(text) else None
+    for pattern, per_day in _FREQUENCY_TEXT:
+        if pattern.search(text):
+            return per_day
+    return None
 
 
 def _dose(mr: MedicationRequest, strength: Decimal | None, text: str) -> Dose:
@@ -277,9 +305,11 @@ def _authorization(mr: MedicationRequest, text: str) -> tuple[str | None, Source
         label = concept_text(ident.type).lower()
         if "rems" in label and "authori" in label and ident.value:
             return ident.value.strip(), Sourced(r, "identifier typed REMS authorization")
-    for m in _AUTH.finditer(text):
-        if any(ch.isdigit() for ch in m.group(1)):
-            return m.group(1), Sourced(r, "note or dosage text")
+    # A REMS-labelled number wins over any other "auth" (an insurance prior auth in the same note).
+    matches = [m for m in _AUTH.finditer(text) if any(ch.isdigit() for ch in m.group(1))]
+    labelled = [m for m in matches if "rems" in m.group(0).lower()]
+    for m in labelled or matches:
+        return m.group(1), Sourced(r, "note or dosage text")
     return None, None
 
 
@@ -390,7 +420,8 @@ def imid_order(
     adult: bool | None,
 ) -> ImidOrder | None:
     """The IMiD facts of a MedicationRequest, or None when it is not an IMiD."""
-    ident = identify_imid(_medication_concept(mr, index), codes)
+    concept, fallback = _medication_concept(mr, index)
+    ident = identify_imid(concept, codes, fallback)
     if ident is None:
         return None
     text = _instruction_text(mr)
@@ -430,9 +461,12 @@ def imid_order(
 
 
 def antithrombotic(mr: MedicationRequest, index: ResourceIndex, codes: Codes) -> OtherMedication | None:
-    concept = _medication_concept(mr, index)
+    try:
+        concept, fallback = _medication_concept(mr, index)
+    except UnresolvedMedication:
+        return None
     rx = codes_in(concept, codes.rxnorm)
-    text = concept_text(concept)
+    text = concept_text(concept) or fallback
     if rx & codes.antithrombotic_rxnorm or any(t in text.lower() for t in codes.antithrombotic_text):
         return OtherMedication(ref(mr), text or "antithrombotic", str(mr.status))
     return None
@@ -442,7 +476,11 @@ def imid_dispense(md: MedicationDispense, index: ResourceIndex, codes: Codes) ->
     """A completed IMiD dispense; others (in-progress, cancelled…) supply nothing."""
     if md.status != "completed":
         return None
-    ident = identify_imid(_medication_concept(md, index), codes)
+    try:
+        concept, fallback = _medication_concept(md, index)
+    except UnresolvedMedication:
+        return None
+    ident = identify_imid(concept, codes, fallback)
     if ident is None:
         return None
     handed = moment(md.whenHandedOver)

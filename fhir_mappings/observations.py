@@ -38,9 +38,15 @@ LAB_STATUSES = frozenset({"final", "amended", "corrected"})
 _HCG_TEXT = ("pregnancy test", "hcg", "choriogonadotropin", "beta-hcg", "b-hcg")
 
 
+def _norm(text: str) -> str:
+    return f" {re.sub(r'[^a-z]+', ' ', text.lower()).strip()} "
+
+
 def _words_match(text: str, phrases: tuple[str, ...]) -> bool:
-    low = f" {re.sub(r'[^a-z]+', ' ', text.lower())} "
-    return any(f" {p} " in low for p in phrases)
+    """Whole-word phrase match with punctuation folded to spaces on both sides ("non-reactive" in the
+    list matches "Non reactive" and "NON-REACTIVE" in the record)."""
+    low = _norm(text)
+    return any(_norm(p) in low for p in phrases)
 
 
 def collection_time(obs: Any) -> tuple[datetime | date | None, str]:
@@ -93,8 +99,8 @@ def _quantity_signal(obs: Any, rules: RemsRules) -> TestResult | None:
             break
     unit = (q.code or q.unit or "").replace("[", "").replace("]", "").lower()
     if high is None:
-        if unit not in ("miu/ml", "iu/l", "mu/ml", "u/l", "iu/ml") and unit:
-            return None
+        if unit not in ("miu/ml", "iu/l", "mu/ml", "u/l", "iu/ml"):
+            return None  # no range and no unit we know: the 5 mIU/mL cut-off cannot apply
         if unit == "iu/ml":
             value = value * 1000
         high = rules.quantitative_negative_below_miu_ml
@@ -132,6 +138,8 @@ def pregnancy_result(obs: Any, codes: Codes, rules: RemsRules) -> tuple[TestResu
         if sig:
             signals.append(sig)
     interp = {c for _, c, _ in codings(obs.interpretation) if c is not None}
+    if codes_in(obs.code, codes.loinc) & codes.preg_quantitative:
+        interp -= {"N"}  # "normal" says negative only for a qualitative test (DECISIONS.md)
     if interp & codes.preg_negative_interp:
         signals.append(TestResult.NEGATIVE)
         shown.append("interpretation " + ",".join(sorted(interp)))
