@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 NOW ?= 2026-11-21T10:00:00-05:00
 TZ_CLINIC ?= America/New_York
-EXAMPLES := lenalidomide-adult-male-clean frp-test-exactly-7-days-stale-8-days supply-29-days-and-refills
+EXAMPLES := lenalidomide-adult-male-ongoing-clean frp-test-8-days-stale revlimid-kitchen-sink-many-problems
 
 .PHONY: install run test lint typecheck unit bench clean
 

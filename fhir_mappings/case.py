@@ -20,7 +20,7 @@ from fhir_mappings.patient import patient_facts
 from fhir_mappings.practitioner import prescribers
 from fhir_mappings.resources import ResourceIndex
 from rems.config import Config, default_config
-from rems.model import Case, Chart, ImidOrder, OtherMedication
+from rems.model import Case, Chart, ImidOrder, Indication, OtherMedication
 from rems.timing import age_in_years, local_day
 
 _SUBJECT_FIELDS = ("subject", "patient")
@@ -115,6 +115,11 @@ def build_case(
     conditions = chart.of("Condition")
     tests, unreadable_tests = obs.pregnancy_tests(observations, codes, config.rems)
     lab_values, unreadable_labs = obs.labs(observations, codes)
+    indications = med.condition_indications(conditions, codes)
+    diagnoses = [c.code for c in conditions if med.condition_in_effect(c)]
+    diagnoses += [rc for d in drafts if d.get_resource_type() == "MedicationRequest" for rc in d.reasonCode or []]
+    if med.kaposi_with_hiv(diagnoses, codes):
+        indications.append(Indication("kaposi-sarcoma-hiv", "Condition (Kaposi sarcoma + HIV)"))
     return Case(
         now=now,
         clinic_zone=zone,
@@ -130,7 +135,7 @@ def build_case(
             ),
             labs=tuple(lab_values),
             antithrombotics=tuple(antithrombotics),
-            indications=tuple(med.condition_indications(conditions, codes)),
+            indications=tuple(indications),
             prescribers=tuple(prescribers(chart.of("PractitionerRole"), chart.of("Practitioner"), codes)),
             regular_cycles=obs.regular_cycles(observations, conditions, codes),
             unreadable=tuple(unreadable_orders + unreadable_tests + unreadable_labs),

@@ -61,6 +61,8 @@ class Codes:
     antithrombotic_text: tuple[str, ...]
     indications: tuple[IndicationCodes, ...]
     maintenance_text: tuple[str, ...]
+    kaposi: IndicationCodes
+    hiv: IndicationCodes
 
 
 def _strengths(table: Mapping[str, Any]) -> dict[str, Decimal | None]:
@@ -108,16 +110,19 @@ def parse_codes(raw: Mapping[str, Any]) -> Codes:
         labs={k: frozenset(v) for k, v in raw["labs"].items()},
         antithrombotic_rxnorm=frozenset(raw["antithrombotic"]["rxnorm"]),
         antithrombotic_text=tuple(t.lower() for t in raw["antithrombotic"]["text"]),
-        indications=tuple(
-            IndicationCodes(
-                key=key,
-                icd10cm_prefix=tuple(t.get("icd10cm_prefix", [])),
-                snomed=frozenset(t.get("snomed", [])),
-                text=tuple(x.lower() for x in t.get("text", [])),
-            )
-            for key, t in raw["indication"].items()
-        ),
+        indications=tuple(_indication(key, t) for key, t in raw["indication"].items()),
         maintenance_text=tuple(t.lower() for t in raw["maintenance"]["text"]),
+        kaposi=_indication("kaposi", raw["kaposi_hiv"]["kaposi"]),
+        hiv=_indication("hiv", raw["kaposi_hiv"]["hiv"]),
+    )
+
+
+def _indication(key: str, t: Mapping[str, Any]) -> IndicationCodes:
+    return IndicationCodes(
+        key=key,
+        icd10cm_prefix=tuple(t.get("icd10cm_prefix", [])),
+        snomed=frozenset(t.get("snomed", [])),
+        text=tuple(x.lower() for x in t.get("text", [])),
     )
 
 

@@ -17,7 +17,7 @@ from fhir.resources.R4B.medicationdispense import MedicationDispense
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.resource import Resource
 
-from fhir_mappings.codes import Codes
+from fhir_mappings.codes import Codes, IndicationCodes
 from fhir_mappings.common import (
     codes_in,
     codings,
@@ -369,21 +369,31 @@ def _risk_category(
     return None, None, unrecognized or found
 
 
+def _matches(concept: Any, ind: IndicationCodes, codes: Codes) -> bool:
+    icd = codes_in(concept, codes.icd10cm)
+    text = concept_text(concept).lower()
+    return (
+        any(c.startswith(p) for c in icd for p in ind.icd10cm_prefix)
+        or bool(codes_in(concept, codes.snomed) & ind.snomed)
+        or any(t in text for t in ind.text)
+    )
+
+
 def _indications(concepts: list[Any], codes: Codes, source: str) -> list[Indication]:
     out: list[Indication] = []
     for concept in concepts:
-        icd = codes_in(concept, codes.icd10cm)
-        sct = codes_in(concept, codes.snomed)
-        text = concept_text(concept).lower()
         for ind in codes.indications:
-            if (
-                any(c.startswith(p) for c in icd for p in ind.icd10cm_prefix)
-                or sct & ind.snomed
-                or any(t in text for t in ind.text)
-            ):
+            if _matches(concept, ind, codes):
                 out.append(Indication(ind.key, source))
                 break
     return out
+
+
+def kaposi_with_hiv(concepts: list[Any], codes: Codes) -> bool:
+    """HIV-related Kaposi sarcoma coded as two diagnoses (e.g. ICD-10-CM C46.9 and B20)."""
+    return any(_matches(c, codes.kaposi, codes) for c in concepts) and any(
+        _matches(c, codes.hiv, codes) for c in concepts
+    )
 
 
 def order_indications(mr: MedicationRequest, index: ResourceIndex, codes: Codes) -> list[Indication]:

@@ -74,3 +74,13 @@ def test_console_script_answers_like_in_process(capsys: pytest.CaptureFixture[st
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == run_cli(name, capsys)
+
+
+def test_clean_adult_male_lenalidomide_has_no_warning_or_critical(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue acceptance: lenalidomide for an adult male, 28 days, no refills, authorization number and
+    risk category, nothing else in the chart: no warning or critical card (info review flags allowed)."""
+    response = run_cli("lenalidomide-adult-male-nothing-else-in-chart", capsys)
+    cards = response["cards"]
+    assert isinstance(cards, list)
+    assert [c["indicator"] for c in cards if c["indicator"] in ("warning", "critical")] == []
+    assert {c["source"]["topic"]["code"] for c in cards} <= {"cbc-overdue", "vte-prophylaxis-missing"}
