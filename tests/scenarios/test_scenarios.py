@@ -21,18 +21,14 @@ def expected(name: str) -> dict[str, object]:
     return data
 
 
-def run_cli(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+def cli_args(name: str) -> list[str]:
+    """`evaluate` arguments for a scenario: its request, clock and clinic zone."""
     exp = expected(name)
-    code = main(
-        [
-            "evaluate",
-            str(HERE / name / "request.json"),
-            "--now",
-            str(exp["now"]),
-            "--tz",
-            str(exp["timezone"]),
-        ]
-    )
+    return ["evaluate", str(HERE / name / "request.json"), "--now", str(exp["now"]), "--tz", str(exp["timezone"])]
+
+
+def run_cli(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    code = main(cli_args(name))
     out = capsys.readouterr()
     assert code == 0, out.err
     result: dict[str, object] = json.loads(out.out)
@@ -55,18 +51,9 @@ def test_scenario_codes(name: str, capsys: pytest.CaptureFixture[str]) -> None:
 def test_console_script_answers_like_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     """The installed `imid-rems` entry point prints the same JSON as the in-process call."""
     name = SCENARIOS[0]
-    exp = expected(name)
     script = Path(sys.executable).parent / "imid-rems"
     proc = subprocess.run(
-        [
-            str(script),
-            "evaluate",
-            str(HERE / name / "request.json"),
-            "--now",
-            str(exp["now"]),
-            "--tz",
-            str(exp["timezone"]),
-        ],
+        [str(script), *cli_args(name)],
         capture_output=True,
         text=True,
         timeout=60,
