@@ -138,7 +138,8 @@ def build_case(
             indications=tuple(indications),
             prescribers=tuple(prescribers(chart.of("PractitionerRole"), chart.of("Practitioner"), codes)),
             regular_cycles=obs.regular_cycles(observations, conditions, codes),
-            unreadable=tuple(unreadable_orders + unreadable_tests + unreadable_labs),
+            unreadable=tuple(unreadable_orders + unreadable_labs),
+            unreadable_pregnancy_tests=tuple(unreadable_tests),
         ),
         prescriber_reference=user,
     )

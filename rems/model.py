@@ -258,7 +258,10 @@ class Chart:
     regular_cycles: bool = False
     """Regular menstrual cycles documented (drives the 4- vs 2-weekly test schedule)."""
     unreadable: tuple[str, ...] = ()
-    """Records we found but could not use, in words (e.g. a test with a month-only date)."""
+    """Records we found but could not use, in words (e.g. a lab in a unit we do not know)."""
+    unreadable_pregnancy_tests: tuple[str, ...] = ()
+    """Pregnancy-test records we could not place in time (no usable collection date). Never a pass:
+    the pregnancy rules report them when nothing else is wrong."""
 
 
 @dataclass(frozen=True)

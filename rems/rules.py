@@ -380,6 +380,19 @@ def pregnancy_tests(v: OrderView) -> Iterable[Finding]:
                     first_dispense_day=_d(v.first_dispense_day),
                 )
                 reported = True
+    undated = v.case.chart.unreadable_pregnancy_tests
+    if not reported and undated:
+        yield _finding(
+            v,
+            RuleCode.PREGNANCY_TEST_MISSING,
+            Severity.WARNING,
+            f"A pregnancy test on file has no usable date: confirm it before dispensing {_drug(v)}",
+            "A pregnancy test record could not be placed in time, so it cannot count, and it could be newer "
+            "than the tests that pass. Confirm its date and result before the drug is dispensed.",
+            [Evidence("-", text) for text in undated[:3]],
+            test_fix,
+        )
+        return
     newest = v.tests[-1] if v.tests else None
     if not reported and newest is not None and newest.result is TestResult.UNREADABLE:
         yield _finding(

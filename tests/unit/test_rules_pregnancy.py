@@ -572,3 +572,19 @@ def test_chart_order_without_authored_on_counts_by_start() -> None:
     )
     c = case(frp_woman(), frp_order(), imid_orders=(previous,), pregnancy_tests=(negative_test(days_before(2)),))
     assert RC.INITIATION_TESTS_INCOMPLETE not in codes(run(c))
+
+
+def test_undated_pregnancy_test_is_a_warning_not_a_pass() -> None:
+    """A test we could not place in time might be a newer positive: warn, even with a valid negative."""
+    ongoing = {"dispenses": (last_fill(),), "pregnancy_tests": (negative_test(days_before(2)),)}
+    clean = case(frp_woman(), frp_order(), **ongoing)
+    assert RuleCode.PREGNANCY_TEST_MISSING not in codes(run(clean))
+    undated = case(
+        frp_woman(),
+        frp_order(),
+        **ongoing,
+        unreadable_pregnancy_tests=("Observation/hcg-9: pregnancy test without a usable collection date",),
+    )
+    found = only(run(undated), RuleCode.PREGNANCY_TEST_MISSING)
+    assert found.severity is Severity.WARNING
+    assert found.evidence[0].description.startswith("Observation/hcg-9")
