@@ -14,7 +14,7 @@ from fhir.resources.R4B.resource import Resource
 from fhir_mappings import medication as med
 from fhir_mappings import observations as obs
 from fhir_mappings.codes import Codes, default_codes
-from fhir_mappings.common import ref, reference_of
+from fhir_mappings.common import condition_in_effect, ref, reference_of
 from fhir_mappings.errors import InvalidInput
 from fhir_mappings.patient import patient_facts
 from fhir_mappings.practitioner import prescribers
@@ -115,8 +115,9 @@ def build_case(
     conditions = chart.of("Condition")
     tests, unreadable_tests = obs.pregnancy_tests(observations, codes, config.rems)
     lab_values, unreadable_labs = obs.labs(observations, codes)
-    indications = med.condition_indications(conditions, codes)
-    diagnoses = [c.code for c in conditions if med.condition_in_effect(c)]
+    in_effect = [c for c in conditions if condition_in_effect(c)]
+    indications = med.condition_indications(in_effect, codes)
+    diagnoses = [c.code for c in in_effect]
     diagnoses += [rc for d in drafts if d.get_resource_type() == "MedicationRequest" for rc in d.reasonCode or []]
     if med.kaposi_with_hiv(diagnoses, codes):
         indications.append(Indication("kaposi-sarcoma-hiv", "Condition (Kaposi sarcoma + HIV)"))

@@ -76,3 +76,12 @@ def notes_text(resource: Any) -> list[str]:
 
 def reference_of(reference: Any) -> str | None:
     return getattr(reference, "reference", None) if reference is not None else None
+
+
+def condition_in_effect(cond: Resource) -> bool:
+    """Not refuted or entered in error; clinically active, recurrent or relapsed (or status unstated)."""
+    verification = {c for _, c, _ in codings(getattr(cond, "verificationStatus", None))}
+    if verification & {"refuted", "entered-in-error"}:
+        return False
+    clinical = {c for _, c, _ in codings(getattr(cond, "clinicalStatus", None))}
+    return not clinical or bool(clinical & {"active", "recurrence", "relapse"})

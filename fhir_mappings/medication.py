@@ -406,20 +406,11 @@ def order_indications(mr: MedicationRequest, index: ResourceIndex, codes: Codes)
 
 
 def condition_indications(conditions: list[Resource], codes: Codes) -> list[Indication]:
+    """Coverage indications of Conditions already filtered to those in effect."""
     out: list[Indication] = []
     for cond in conditions:
-        if not condition_in_effect(cond):
-            continue
         out.extend(_indications([getattr(cond, "code", None)], codes, ref(cond)))
     return out
-
-
-def condition_in_effect(cond: Resource) -> bool:
-    verification = {c for _, c, _ in codings(getattr(cond, "verificationStatus", None))}
-    if verification & {"refuted", "entered-in-error"}:
-        return False
-    clinical = {c for _, c, _ in codings(getattr(cond, "clinicalStatus", None))}
-    return not clinical or bool(clinical & {"active", "recurrence", "relapse"})
 
 
 def imid_order(

@@ -17,8 +17,7 @@ from typing import Any
 from fhir.resources.R4B.resource import Resource
 
 from fhir_mappings.codes import Codes
-from fhir_mappings.common import as_date, codes_in, codings, concept_text, decimal, moment, ref
-from fhir_mappings.medication import condition_in_effect
+from fhir_mappings.common import as_date, codes_in, codings, concept_text, condition_in_effect, decimal, moment, ref
 from rems.config import RemsRules
 from rems.model import (
     LabKind,
