@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, tzinfo
 from pathlib import Path
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import field_validator
@@ -40,6 +41,19 @@ class Settings(BaseSettings):
     """Institution override TOML for programs/protocol (merged over rems/data/*.toml)."""
     max_body_bytes: int = 2_000_000
     """Largest hook request accepted (a full prefetch is ~50 kB; 2 MB leaves room for long charts)."""
+    database_url: str = "sqlite:///imid-rems.sqlite"
+    """SQLAlchemy URL of the service's database (JWT replay cache, feedback, later refill drafts).
+    Default: a SQLite file in the working directory; production: ``postgresql+psycopg://...``."""
+    cds_clients: str = "[]"
+    """JSON list of trusted CDS clients: ``[{"iss": "...", "jwks_url": "https://..."}]`` or
+    ``{"iss": ..., "jwks_path": "/path/jwks.json"}``. Only these issuers are accepted."""
+    cds_auth: Literal["on", "off"] = "on"
+    """``off`` disables JWT checks on the CDS endpoints, for local development only (logged loudly)."""
+    public_base_url: str | None = None
+    """The service's external base URL (behind a proxy) used as the JWT ``aud`` and in links;
+    default: the URL each request was made to."""
+    fhir_timeout_s: float = 5.0
+    """Timeout of each FHIR request made when prefetch data is missing."""
 
     @field_validator("clinic_tz")
     @classmethod
