@@ -8,6 +8,9 @@ NOW ?= 2026-11-21T10:00:00-05:00
 TZ_CLINIC ?= America/New_York
 EXAMPLES := lenalidomide-adult-male-ongoing-clean frp-test-8-days-stale revlimid-kitchen-sink-many-problems
 
+FHIR_SERVER := tests/fhir_server
+FHIR_STAMP := $(FHIR_SERVER)/node_modules/.package-lock.json
+
 .PHONY: install run test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
@@ -16,6 +19,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The FHIR R4 test server (Medplum's engine, tests/fhir_server): npm packages, Node 22 pinned from npm.
+$(FHIR_STAMP): $(FHIR_SERVER)/package.json $(FHIR_SERVER)/package-lock.json
+	cd $(FHIR_SERVER) && npm ci --no-audit --no-fund
+	touch $(FHIR_STAMP)
 
 ## run: evaluate the example requests and print the CDS Hooks answers (the HTTP service comes next)
 run: $(STAMP)
@@ -28,7 +36,7 @@ run: $(STAMP)
 	done
 
 ## test: lint, type-check, then every test (unit, contract, scenario corpus)
-test: lint typecheck
+test: lint typecheck $(FHIR_STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -43,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench_evaluate
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(FHIR_SERVER)/node_modules
