@@ -660,4 +660,4 @@ def _tidy(text: str) -> str:
     text = re.sub(r"[ \t]{2,}", " ", text)
     text = re.sub(r"\s+([.,;:])", r"\1", text)
     text = re.sub(r"([.,;:])(?:\s*[.,;:])+", r"\1", text)
-    return text.strip(" \t,;:")
+    return re.sub(r"^[\s.,;:]+", "", text).rstrip(" \t,;:")

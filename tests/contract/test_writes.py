@@ -642,20 +642,23 @@ def test_a_cycle_stated_only_in_the_prior_note_is_kept_in_a_note() -> None:
     assert "11112222" not in json.dumps(mr)
 
 
-def test_an_authorization_number_in_the_prior_dosage_text_is_removed() -> None:
-    prior = active_prior(
-        dosageInstruction=[
-            {
-                **dosage(CYCLE_TEXT),
-                "patientInstruction": "Take with water. REMS auth 11112222",
-            }
-        ]
-    )
+@pytest.mark.parametrize(
+    ("instruction", "kept"),
+    [
+        pytest.param("Take with water. REMS auth 11112222", "Take with water.", id="after"),
+        pytest.param("REMS Authorization #: 11112222. Take with water.", "Take with water.", id="before"),
+        pytest.param("Take with water; Auth# 1111-2222, swallow whole", "Take with water; swallow whole", id="middle"),
+        pytest.param("REMS authorization number 11112222", None, id="only-the-number"),
+    ],
+)
+def test_an_authorization_number_in_the_prior_dosage_text_is_removed(instruction: str, kept: str | None) -> None:
+    prior = active_prior(dosageInstruction=[{**dosage(CYCLE_TEXT), "patientInstruction": instruction}])
     mr = draft_from(prior, authorization=None)
-    assert mr["dosageInstruction"][0]["patientInstruction"] == "Take with water."
+    assert mr["dosageInstruction"][0].get("patientInstruction") == kept
     assert mr["dosageInstruction"][0]["text"] == CYCLE_TEXT
     assert mr["note"][-1]["text"].startswith("An authorization number in the prior prescription's dosage text")
-    assert prior["dosageInstruction"][0]["patientInstruction"] == "Take with water. REMS auth 11112222"
+    assert prior["dosageInstruction"][0]["patientInstruction"] == instruction
+    valid_medication_request(mr)
 
 
 def test_a_contained_medication_travels_with_the_reference() -> None:
