@@ -164,6 +164,8 @@ def load_clients(json_text: str) -> tuple[CdsClient, ...]:
             raise ClientConfigError(f"{where}.iss: missing")
         if ("jwks_url" in item) == ("jwks_path" in item):
             raise ClientConfigError(f"{where}: give exactly one of jwks_url and jwks_path")
+        if "jwks_path" in item and not item["jwks_path"].strip():
+            raise ClientConfigError(f"{where}.jwks_path: must not be empty")
         try:
             client = CdsClient(
                 iss=item["iss"],
@@ -410,12 +412,12 @@ class ReplayCache:
     instant both "see nothing" in a read-then-write; the unique constraint makes the database pick
     exactly one winner.
 
-    `remember` is synchronous: on SQLite (a local file, ~0.1 ms) call it inline; for a networked
+    `remember` is synchronous: on SQLite (a local file, ~0.05 ms) call it inline; for a networked
     database (``blocking`` is True) `verify` runs it in a worker thread. Expired rows are purged at
     most once per ``purge_every_s`` by whichever call comes due, in its own short transaction."""
 
     def __init__(self, engine: Engine, *, purge_every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self._engine = engine
+        self._ledger = db.JtiLedger(engine)
         self._purge_every_s = purge_every_s
         self._clock = clock
         self._next_purge = clock()
@@ -425,8 +427,7 @@ class ReplayCache:
         """Record (iss, jti) until ``expires_at``. False if it is already recorded and still live: a
         replay. (A leftover row whose ``expires_at`` has passed is taken over, not counted.)"""
         now = now or datetime.now(UTC)
-        with self._engine.begin() as connection:
-            fresh = db.claim_jti(connection, iss, jti, expires_at, now)
+        fresh = self._ledger.claim(iss, jti, expires_at, now)
         if self._clock() >= self._next_purge:
             self._next_purge = self._clock() + self._purge_every_s
             self.purge(now)
@@ -434,8 +435,7 @@ class ReplayCache:
 
     def purge(self, now: datetime | None = None) -> int:
         """Delete every row expired at ``now``; returns how many."""
-        with self._engine.begin() as connection:
-            return db.purge_jti(connection, now or datetime.now(UTC))
+        return self._ledger.purge(now or datetime.now(UTC))
 
 
 # ---------------------------------------------------------------------------------------------------

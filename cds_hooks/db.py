@@ -30,7 +30,7 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -239,33 +239,62 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def _jti_insert(dialect: Literal["sqlite", "postgresql"]) -> Any:
-    """``INSERT .. ON CONFLICT (iss, jti) DO UPDATE SET expires_at = .. WHERE cds_jti.expires_at <= :now``:
-    inserts a new id, or takes over a row whose token has expired but was not purged yet, and touches
-    no row (rowcount 0) while the id is live. One statement on a unique key, so when two replicas
-    race the database decides: the loser's INSERT waits for the winner's commit, then sees the row."""
+    """``INSERT .. ON CONFLICT (iss, jti) DO UPDATE SET expires_at = .. WHERE cds_jti.expires_at <= :now
+    RETURNING id``: inserts a new id, or takes over a row whose token has expired but was not purged
+    yet, and returns no row while the id is live. One statement on a unique key, so when two replicas
+    race the database decides: the loser's INSERT waits for the winner's commit, then sees the row.
+    (RETURNING rather than rowcount, which psycopg reports as -1 for an INSERT with RETURNING.)"""
     stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(cds_jti)
     return stmt.on_conflict_do_update(
         index_elements=[cds_jti.c.iss, cds_jti.c.jti],
         set_={"expires_at": stmt.excluded.expires_at},
         where=cds_jti.c.expires_at <= bindparam("now", type_=UtcDateTime()),
-    )
+    ).returning(cds_jti.c.id)
 
 
-_JTI_INSERTS: Final = {"sqlite": _jti_insert("sqlite"), "postgresql": _jti_insert("postgresql")}
+class JtiLedger:
+    """The ``cds_jti`` operations of one engine, prepared once.
 
+    `claim` runs on the DBAPI connection with the statement compiled in advance: the replay check is on
+    every CDS Hooks call, and SQLAlchemy's per-execute machinery costs several times the statement
+    itself (measured on SQLite WAL: ~0.05 ms per claim this way, ~0.2 ms through a `Connection`).
+    On SQLite the driver is in autocommit mode (see `make_engine`), so the single INSERT is its own
+    atomic transaction; on PostgreSQL it is committed explicitly."""
 
-def claim_jti(connection: Connection, iss: str, jti: str, expires_at: datetime, now: datetime) -> bool:
-    """Record (iss, jti) until ``expires_at``; False when it is already recorded and not expired at
-    ``now``. Runs in the caller's transaction (commit it)."""
-    stmt = _JTI_INSERTS[connection.dialect.name]
-    result = connection.execute(stmt, {"iss": iss, "jti": jti, "expires_at": expires_at, "now": now})
-    return bool(result.rowcount == 1)
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        if dialect.name != "sqlite" and dialect.name != "postgresql":
+            raise ValueError(f"unsupported database {dialect.name!r}")
+        stmt = _jti_insert("postgresql" if dialect.name == "postgresql" else "sqlite")
+        compiled = stmt.compile(dialect=dialect, column_keys=["iss", "jti", "expires_at"])
+        self._engine = engine
+        self._sql = str(compiled)
+        self._positions: Sequence[str] | None = compiled.positiontup
+        processor = UtcDateTime().bind_processor(dialect)
+        self._to_db: Callable[[Any], Any] = processor if processor is not None else (lambda value: value)
 
+    def claim(self, iss: str, jti: str, expires_at: datetime, now: datetime) -> bool:
+        """Record (iss, jti) until ``expires_at`` and commit; False when it is already recorded and
+        not expired at ``now``. Naive datetimes raise ``ValueError``."""
+        params = {"iss": iss, "jti": jti, "expires_at": self._to_db(expires_at), "now": self._to_db(now)}
+        args: Any = tuple(params[name] for name in self._positions) if self._positions else params
+        connection = self._engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(self._sql, args)
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+            connection.commit()
+        finally:
+            connection.close()  # back to the pool (rolled back if anything failed)
+        return bool(rows)
 
-def purge_jti(connection: Connection, now: datetime) -> int:
-    """Delete the ids whose tokens have expired at ``now``; returns how many."""
-    result = connection.execute(delete(cds_jti).where(cds_jti.c.expires_at <= now))
-    return int(result.rowcount)
+    def purge(self, now: datetime) -> int:
+        """Delete the ids whose tokens have expired at ``now``; returns how many."""
+        with self._engine.begin() as connection:
+            return int(connection.execute(delete(cds_jti).where(cds_jti.c.expires_at <= now)).rowcount)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -474,6 +474,7 @@ def test_load_clients_reads_both_kinds() -> None:
         ('[{"iss": "a"}]', "cds_clients[0]: give exactly one of jwks_url and jwks_path"),
         ('[{"iss": "a", "jwks_url": "https://a/j", "jwks_path": "/j"}]', "cds_clients[0]: give exactly one of"),
         ('[{"iss": "a", "jwks_uri": "https://a/j"}]', "cds_clients[0].jwks_uri: unknown field"),
+        ('[{"iss": "a", "jwks_path": " "}]', "cds_clients[0].jwks_path: must not be empty"),
         (
             '[{"iss": "a", "jwks_url": "http://ehr.example.org/j"}]',
             "cds_clients[0].jwks_url: 'http://ehr.example.org/j'",
