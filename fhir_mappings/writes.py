@@ -361,7 +361,9 @@ def corrected_order(
     if supply_days is not None:
         _check_supply_days(supply_days)
     resource: dict[str, Any] = copy.deepcopy(dict(draft))
-    dispense: dict[str, Any] = resource.setdefault("dispenseRequest", {})
+    if not isinstance(resource.get("dispenseRequest"), dict):
+        resource["dispenseRequest"] = {}
+    dispense: dict[str, Any] = resource["dispenseRequest"]
     notes: list[str] = []
     review = False
     if supply_days is not None:
