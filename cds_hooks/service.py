@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from cds_hooks.cards import cards_for
 from cds_hooks.models import CONTEXT_MODELS, CdsResponse, HookRequest, OrderSelectContext
-from fhir_mappings import InvalidInput, build_case, index_prefetch, parse_bundle_entries, parse_resource
+from fhir_mappings import InvalidInput, build_case, check_drafts, index_prefetch, parse_bundle_entries, parse_resource
 from fhir_mappings.codes import default_codes
 from rems import evaluate
 from rems.config import Config, default_config
@@ -98,13 +98,13 @@ def evaluate_request(
             raise InvalidInput(f"{drafts_path}.entry", "expected a list")
         if not _may_be_imid(drafts_raw.get("entry", [])):
             # Still validate the drafts: a malformed request is an error, not "no cards".
-            parse_bundle_entries(drafts_raw, drafts_path)
+            check_drafts(parse_bundle_entries(drafts_raw, drafts_path))
             return CdsResponse(cards=[])
     allowed = ("MedicationRequest", "Medication") if request.hook == "medication-refill" else None
     entries = parse_bundle_entries(drafts_raw, drafts_path, allowed) if drafts_raw else []
     # A Medication sent alongside the orders (medicationReference into the same Bundle) is data, not
     # an order: it is indexed with the chart so references to it resolve.
-    drafts = [(p, r) for p, r in entries if r.get_resource_type() != "Medication"]
+    drafts = [(p, r) for p, r in entries if r["resourceType"] != "Medication"]
 
     prefetch = dict(request.prefetch or {})
     patient_raw = prefetch.pop("patient", None)
@@ -113,14 +113,15 @@ def evaluate_request(
     if isinstance(patient_raw, dict) and patient_raw.get("resourceType") == "OperationOutcome":
         index_prefetch({"patient": patient_raw})  # raises the 412 that quotes the EHR's message
     patient = parse_resource(patient_raw, "prefetch.patient", ("Patient",))
-    if patient.id != patient_id:
-        raise InvalidInput("prefetch.patient.id", f"{patient.id!r} is not context.patientId {patient_id!r}")
+    if patient.get("id") != patient_id:
+        raise InvalidInput("prefetch.patient.id", f"{patient.get('id')!r} is not context.patientId {patient_id!r}")
     chart = index_prefetch(prefetch)
     for p, r in entries:
-        if r.get_resource_type() == "Medication":
+        if r["resourceType"] == "Medication":
             chart.add(r, p)
     case = build_case(
         patient=patient,
+        patient_path="prefetch.patient",
         drafts=[r for _, r in drafts],
         draft_paths=[p for p, _ in drafts],
         chart=chart,

@@ -1,7 +1,8 @@
-"""The code lists of `data/codes.toml`, parsed once into sets."""
+"""The code lists of `data/codes.toml`, parsed once into sets (and text lists into `Terms`)."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,7 +11,24 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from rems.model import Drug, NrpEvidenceKind
+from rems.model import Drug, LabKind, NrpEvidenceKind
+
+
+class Terms:
+    """Phrases to look for in lower-case text: `in` any of them, with one compiled search."""
+
+    __slots__ = ("_pattern", "phrases")
+
+    def __init__(self, phrases: tuple[str, ...]) -> None:
+        self.phrases = phrases
+        self._pattern = re.compile("|".join(map(re.escape, phrases))) if phrases else None
+
+    def found_in(self, text: str) -> bool:
+        """``any(p in text for p in phrases)``."""
+        return self._pattern is not None and self._pattern.search(text) is not None
+
+    def __repr__(self) -> str:
+        return f"Terms({self.phrases!r})"
 
 
 @dataclass(frozen=True)
@@ -20,6 +38,8 @@ class ImidCodes:
     brand_text: tuple[str, ...]
     generic: Mapping[str, Decimal | None]
     brand: Mapping[str, Decimal | None]
+    text_terms: Terms
+    brand_terms: Terms
 
 
 @dataclass(frozen=True)
@@ -28,6 +48,7 @@ class IndicationCodes:
     icd10cm_prefix: tuple[str, ...]
     snomed: frozenset[str]
     text: tuple[str, ...]
+    text_terms: Terms
 
 
 @dataclass(frozen=True)
@@ -57,10 +78,16 @@ class Codes:
     nrp: Mapping[NrpEvidenceKind, tuple[frozenset[str], frozenset[str]]]
     """kind → (SNOMED codes, ICD-10-CM codes)."""
     labs: Mapping[str, frozenset[str]]
+    lab_kinds: Mapping[str, LabKind]
+    """LOINC code → the lab it measures (the inverse of `labs`, computed once)."""
+    preg_codes: frozenset[str]
+    """Every pregnancy-test LOINC code (qualitative and quantitative)."""
     antithrombotic_rxnorm: frozenset[str]
     antithrombotic_text: tuple[str, ...]
+    antithrombotic_terms: Terms
     indications: tuple[IndicationCodes, ...]
     maintenance_text: tuple[str, ...]
+    maintenance_terms: Terms
     kaposi: IndicationCodes
     hiv: IndicationCodes
 
@@ -78,16 +105,7 @@ def parse_codes(raw: Mapping[str, Any]) -> Codes:
         icd10cm=s["icd10cm"],
         nucc=s["nucc"],
         interpretation=s["interpretation"],
-        imids=tuple(
-            ImidCodes(
-                drug=Drug(name),
-                text=tuple(t.lower() for t in table["text"]),
-                brand_text=tuple(t.lower() for t in table.get("brand_text", [])),
-                generic=_strengths(table.get("generic", {})),
-                brand=_strengths(table.get("brand", {})),
-            )
-            for name, table in raw["imid"].items()
-        ),
+        imids=tuple(_imid(name, table) for name, table in raw["imid"].items()),
         preg_qualitative=frozenset(p["qualitative"]),
         preg_quantitative=frozenset(p["quantitative"]),
         preg_exclude=frozenset(p["exclude"]),
@@ -108,21 +126,41 @@ def parse_codes(raw: Mapping[str, Any]) -> Codes:
             for kind, t in raw["nrp"].items()
         },
         labs={k: frozenset(v) for k, v in raw["labs"].items()},
+        lab_kinds={code: LabKind(kind) for kind, codes_ in raw["labs"].items() for code in codes_},
+        preg_codes=frozenset(p["qualitative"]) | frozenset(p["quantitative"]),
         antithrombotic_rxnorm=frozenset(raw["antithrombotic"]["rxnorm"]),
         antithrombotic_text=tuple(t.lower() for t in raw["antithrombotic"]["text"]),
+        antithrombotic_terms=Terms(tuple(t.lower() for t in raw["antithrombotic"]["text"])),
         indications=tuple(_indication(key, t) for key, t in raw["indication"].items()),
         maintenance_text=tuple(t.lower() for t in raw["maintenance"]["text"]),
+        maintenance_terms=Terms(tuple(t.lower() for t in raw["maintenance"]["text"])),
         kaposi=_indication("kaposi", raw["kaposi_hiv"]["kaposi"]),
         hiv=_indication("hiv", raw["kaposi_hiv"]["hiv"]),
     )
 
 
+def _imid(name: str, table: Mapping[str, Any]) -> ImidCodes:
+    text = tuple(t.lower() for t in table["text"])
+    brand_text = tuple(t.lower() for t in table.get("brand_text", []))
+    return ImidCodes(
+        drug=Drug(name),
+        text=text,
+        brand_text=brand_text,
+        generic=_strengths(table.get("generic", {})),
+        brand=_strengths(table.get("brand", {})),
+        text_terms=Terms(text),
+        brand_terms=Terms(brand_text),
+    )
+
+
 def _indication(key: str, t: Mapping[str, Any]) -> IndicationCodes:
+    text = tuple(x.lower() for x in t.get("text", []))
     return IndicationCodes(
         key=key,
         icd10cm_prefix=tuple(t.get("icd10cm_prefix", [])),
         snomed=frozenset(t.get("snomed", [])),
-        text=tuple(x.lower() for x in t.get("text", [])),
+        text=text,
+        text_terms=Terms(text),
     )
 
 

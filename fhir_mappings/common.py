@@ -1,87 +1,91 @@
-"""Small readers shared by the mappings: codings, text, dates, quantities."""
+"""Small readers shared by the mappings: codings, text, dates, notes, Conditions."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
-from decimal import Decimal
-from typing import Any
 
-from fhir.resources.R4B.resource import Resource
+from fhir_mappings.access import Coding, Concept, Json, concept, objects, reference_to, string
 
-
-def ref(resource: Resource) -> str:
-    return f"{resource.get_resource_type()}/{getattr(resource, 'id', None) or '?'}"
+ConceptLike = Concept | Sequence[Concept | None] | None
+"""One CodeableConcept as read, several, or none."""
 
 
-def codings(concept: Any) -> Iterator[tuple[str | None, str | None, str | None]]:
-    """(system, code, display) of each coding of a CodeableConcept (or a list of them)."""
-    if concept is None:
+def ref(resource: Json) -> str:
+    return reference_to(resource)
+
+
+def _each(concept_: ConceptLike) -> Iterator[Concept]:
+    if concept_ is None:
         return
-    concepts = concept if isinstance(concept, list) else [concept]
-    for c in concepts:
-        for coding in getattr(c, "coding", None) or []:
-            yield coding.system, coding.code, coding.display
+    if isinstance(concept_, Concept):
+        yield concept_
+        return
+    for c in concept_:
+        if c is not None:
+            yield c
 
 
-def concept_text(concept: Any) -> str:
+def codings(concept_: ConceptLike) -> Iterator[Coding]:
+    """(system, code, display) of each coding of a CodeableConcept (or a list of them)."""
+    for c in _each(concept_):
+        yield from c.codings
+
+
+def concept_text(concept_: ConceptLike) -> str:
     """All human text of a CodeableConcept (or list): `text` and each coding's display."""
-    if concept is None:
+    if concept_ is None:
         return ""
-    concepts = concept if isinstance(concept, list) else [concept]
-    parts: list[str] = []
-    for c in concepts:
-        if getattr(c, "text", None):
-            parts.append(c.text)
-        parts.extend(d for _, _, d in codings(c) if d)
-    return " | ".join(parts)
+    if type(concept_) is Concept:
+        return concept_.label()
+    return " | ".join(label for c in _each(concept_) if (label := c.label()))
 
 
-def has_code(concept: Any, system: str, codes: Iterable[str]) -> bool:
+def has_code(concept_: ConceptLike, system: str, codes: Iterable[str]) -> bool:
     wanted = set(codes)
-    return any(s == system and c in wanted for s, c, _ in codings(concept))
+    return any(s == system and c in wanted for s, c, _ in codings(concept_))
 
 
-def codes_in(concept: Any, system: str) -> set[str]:
-    return {c for s, c, _ in codings(concept) if s == system and c}
+def codes_in(concept_: ConceptLike, system: str) -> set[str]:
+    if concept_ is None:
+        return set()
+    if type(concept_) is Concept:
+        return concept_.codes(system)
+    return {c for s, c, _ in codings(concept_) if s == system and c}
 
 
-def moment(value: Any) -> datetime | date | None:
-    """A FHIR date/dateTime/instant as parsed by fhir.resources: datetime or date; partial dates
-    (``2026`` or ``2026-11``) stay strings and give None (they cannot place a day)."""
-    if isinstance(value, datetime | date):
-        return value
-    return None
+def as_date(moment: datetime | date | None) -> date | None:
+    """The day of a dateTime as written (its own offset), or the date itself."""
+    if isinstance(moment, datetime):
+        return moment.date()
+    return moment
 
 
-def as_date(value: Any) -> date | None:
-    m = moment(value)
-    if isinstance(m, datetime):
-        return m.date()
-    return m
+def notes_text(resource: Json, path: str) -> list[str]:
+    """The text of each Annotation in `note` (Annotation.text is required)."""
+    return [text for n, npath in objects(resource, "note", path) if (text := string(n, "text", npath, required=True))]
 
 
-def decimal(value: Any) -> Decimal | None:
-    if value is None:
-        return None
-    try:
-        return Decimal(str(value))
-    except ArithmeticError:
-        return None
-
-
-def notes_text(resource: Any) -> list[str]:
-    return [n.text for n in (getattr(resource, "note", None) or []) if getattr(n, "text", None)]
-
-
-def reference_of(reference: Any) -> str | None:
-    return getattr(reference, "reference", None) if reference is not None else None
-
-
-def condition_in_effect(cond: Resource) -> bool:
+def condition_in_effect(cond: Json, path: str) -> bool:
     """Not refuted or entered in error; clinically active, recurrent or relapsed (or status unstated)."""
-    verification = {c for _, c, _ in codings(getattr(cond, "verificationStatus", None))}
+    verification = {c for _, c, _ in codings(concept(cond, "verificationStatus", path))}
     if verification & {"refuted", "entered-in-error"}:
         return False
-    clinical = {c for _, c, _ in codings(getattr(cond, "clinicalStatus", None))}
+    clinical = {c for _, c, _ in codings(concept(cond, "clinicalStatus", path))}
     return not clinical or bool(clinical & {"active", "recurrence", "relapse"})
+
+
+@dataclass(slots=True)
+class ChartCondition:
+    """A Condition as the rules see it: read once (code and status), then used by several mappings."""
+
+    raw: Json
+    path: str
+    ref: str
+    code: Concept | None
+    in_effect: bool
+
+
+def read_condition(raw: Json, path: str) -> ChartCondition:
+    return ChartCondition(raw, path, ref(raw), concept(raw, "code", path), condition_in_effect(raw, path))

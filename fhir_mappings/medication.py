@@ -9,25 +9,35 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import tzinfo
+from datetime import date, datetime, tzinfo
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
+from typing import NamedTuple
 
-from fhir.resources.R4B.medicationdispense import MedicationDispense
-from fhir.resources.R4B.medicationrequest import MedicationRequest
-from fhir.resources.R4B.resource import Resource
-
-from fhir_mappings.codes import Codes, IndicationCodes
-from fhir_mappings.common import (
-    codes_in,
-    codings,
-    concept_text,
+from fhir_mappings.access import (
+    Coding,
+    Concept,
+    Json,
+    Quantity,
+    choice,
+    code,
+    coding,
+    concept,
+    concepts,
+    date_time,
     decimal,
-    moment,
-    notes_text,
-    ref,
-    reference_of,
+    integer,
+    missing,
+    obj,
+    objects,
+    quantity,
+    reference,
+    references,
+    string,
 )
+from fhir_mappings.codes import Codes, IndicationCodes
+from fhir_mappings.common import ChartCondition, codes_in, codings, concept_text, notes_text, ref
+from fhir_mappings.observations import OBSERVATION_VALUES
+from fhir_mappings.patient import EXTENSION_VALUES
 from fhir_mappings.resources import ResourceIndex
 from rems.model import (
     Dispense,
@@ -136,12 +146,21 @@ _CATEGORY_NAMES: tuple[tuple[re.Pattern[str], RiskCategory | str], ...] = tuple(
 )
 
 
+_MEDICATION = frozenset({"medicationCodeableConcept", "medicationReference"})
+_DOSE = frozenset({"doseRange", "doseQuantity"})
+
+
 @dataclass(frozen=True)
 class MedicationIdentity:
     drug: Drug
     brand: bool
     strength_mg: Decimal | None
     text: str
+
+
+MedicationRead = tuple[Concept | None, str]
+"""What names a medication: its CodeableConcept (inline or from the Medication referred to), and the
+reference's display as fallback text."""
 
 
 class UnresolvedMedication(LookupError):
@@ -152,40 +171,167 @@ class UnresolvedMedication(LookupError):
         self.reference = reference
 
 
-def _medication_concept(resource: MedicationRequest | MedicationDispense, index: ResourceIndex) -> tuple[Any, str]:
-    """The medication's CodeableConcept (inline, or from the referenced Medication) and fallback text
-    (the reference's display). Raises `UnresolvedMedication` when neither can say what the drug is."""
-    if resource.medicationCodeableConcept is not None:
-        return resource.medicationCodeableConcept, ""
-    mref = resource.medicationReference
-    target = index.resolve(reference_of(mref), resource)
-    display = (getattr(mref, "display", None) or "") if mref is not None else ""
-    if target is not None and target.get_resource_type() == "Medication":
-        return getattr(target, "code", None), display
-    if display or mref is None:
+class DosageRead(NamedTuple):
+    """One Dosage, as far as the dose and frequency rules read it."""
+
+    text: str | None
+    patient_instruction: str | None
+    timing_code: Concept | None
+    frequency: int | None
+    period: Decimal | None
+    period_unit: str | None
+    has_repeat: bool
+    """`timing.repeat` states a frequency or a period."""
+    doses: tuple[Quantity | None, ...]
+    """`doseAndRate[].doseQuantity`, in order (None where that entry has none)."""
+
+
+@dataclass(slots=True)
+class OrderFields:
+    """Every field of a MedicationRequest the IMiD rules act on, read (and checked) once."""
+
+    status: str
+    authored_on: datetime | date | None
+    notes: list[str]
+    dosages: list[DosageRead]
+    validity_start: datetime | date | None
+    refills: int | None
+    supply_duration: Quantity | None
+    quantity: Quantity | None
+    identifiers: list[tuple[str | None, str | None, Concept | None]]
+    """(system, value, type) of each identifier."""
+    risk_extensions: list[tuple[Coding | None, str | None]]
+    """(valueCoding, valueCode) of each rems-risk-category extension."""
+    supporting: list[str]
+    reason_codes: list[Concept]
+    reason_references: list[str]
+    course: Concept | None
+    requester: str | None
+    prior_prescription: str | None
+
+
+def medication_of(resource: Json, path: str, index: ResourceIndex) -> MedicationRead:
+    """The medication of a MedicationRequest / MedicationDispense (`medication[x]` is required). A
+    reference resolves to a contained Medication or one in `index`; failing that its display is the
+    text. Raises `UnresolvedMedication` when neither can say what the drug is."""
+    which = choice(resource, path, _MEDICATION)
+    if which is None:
+        missing(f"{path}.medication[x]", "medicationCodeableConcept or medicationReference")
+    if which == "medicationCodeableConcept":
+        return concept(resource, which, path, required=True), ""
+    mref = obj(resource, which, path, required=True)
+    rpath = f"{path}.{which}"
+    target_ref = string(mref, "reference", rpath)
+    display = string(mref, "display", rpath) or ""
+    target = index.resolve(target_ref, resource, path)
+    if target is not None and target["resourceType"] == "Medication":
+        return concept(target, "code", index.path_of(target)), display
+    if display:
         return None, display
-    raise UnresolvedMedication(reference_of(mref) or "(no reference)")
+    raise UnresolvedMedication(target_ref or "(no reference)")
 
 
-def identify_imid(concept: Any, codes: Codes, fallback_text: str = "") -> MedicationIdentity | None:
+def _dosage(d: Json, path: str) -> DosageRead:
+    timing = obj(d, "timing", path)
+    tpath = f"{path}.timing"
+    timing_code = concept(timing, "code", tpath) if timing is not None else None
+    repeat = obj(timing, "repeat", tpath) if timing is not None else None
+    frequency = period = unit = None
+    if repeat is not None:
+        rpath = f"{tpath}.repeat"
+        frequency = integer(repeat, "frequency", rpath, minimum=1)
+        period = decimal(repeat, "period", rpath)
+        unit = code(repeat, "periodUnit", rpath)
+    doses: list[Quantity | None] = []
+    for dr, drpath in objects(d, "doseAndRate", path):
+        which = choice(dr, drpath, _DOSE)
+        doses.append(quantity(dr, "doseQuantity", drpath) if which == "doseQuantity" else None)
+    return DosageRead(
+        string(d, "text", path),
+        string(d, "patientInstruction", path),
+        timing_code,
+        frequency,
+        period,
+        unit,
+        frequency is not None or period is not None,
+        tuple(doses),
+    )
+
+
+def read_order(mr: Json, path: str) -> OrderFields:
+    """Read (and so check) every MedicationRequest field the IMiD rules act on."""
+    dispense = obj(mr, "dispenseRequest", path)
+    dpath = f"{path}.dispenseRequest"
+    validity = obj(dispense, "validityPeriod", dpath) if dispense is not None else None
+    identifiers = [
+        (string(i, "system", ipath), string(i, "value", ipath), concept(i, "type", ipath))
+        for i, ipath in objects(mr, "identifier", path)
+    ]
+    risk: list[tuple[Coding | None, str | None]] = []
+    for ext, epath in objects(mr, "extension", path):
+        if string(ext, "url", epath, required=True) == RISK_CATEGORY_EXTENSION:
+            which = choice(ext, epath, EXTENSION_VALUES)
+            risk.append(
+                (
+                    coding(ext, "valueCoding", epath) if which == "valueCoding" else None,
+                    code(ext, "valueCode", epath) if which == "valueCode" else None,
+                )
+            )
+    return OrderFields(
+        code(mr, "status", path, required=True),
+        date_time(mr, "authoredOn", path),
+        notes_text(mr, path),
+        [_dosage(d, dp) for d, dp in objects(mr, "dosageInstruction", path)],
+        date_time(validity, "start", f"{dpath}.validityPeriod") if validity is not None else None,
+        integer(dispense, "numberOfRepeatsAllowed", dpath, minimum=0) if dispense is not None else None,
+        quantity(dispense, "expectedSupplyDuration", dpath) if dispense is not None else None,
+        quantity(dispense, "quantity", dpath) if dispense is not None else None,
+        identifiers,
+        risk,
+        references(mr, "supportingInformation", path),
+        concepts(mr, "reasonCode", path),
+        references(mr, "reasonReference", path),
+        concept(mr, "courseOfTherapyType", path),
+        reference(mr, "requester", path),
+        reference(mr, "priorPrescription", path),
+    )
+
+
+def check_order(mr: Json, path: str) -> None:
+    """A draft order is read whole, IMiD or not: a malformed order under review is an error, never
+    "no cards". (Chart orders are read only as far as the rules need.) The medication is read as
+    written, without resolving a reference."""
+    which = choice(mr, path, _MEDICATION)
+    if which is None:
+        missing(f"{path}.medication[x]", "medicationCodeableConcept or medicationReference")
+    if which == "medicationCodeableConcept":
+        concept(mr, which, path)
+    else:
+        mref = obj(mr, which, path, required=True)
+        string(mref, "reference", f"{path}.{which}")
+        string(mref, "display", f"{path}.{which}")
+    read_order(mr, path)
+
+
+def identify_imid(concept_: Concept | None, codes: Codes, fallback_text: str = "") -> MedicationIdentity | None:
     """Which IMiD a medication concept names: RxNorm codes first, then text."""
-    text = concept_text(concept) or fallback_text
+    text = concept_text(concept_) or fallback_text
     low = text.lower()
-    rx = codes_in(concept, codes.rxnorm)
+    rx = codes_in(concept_, codes.rxnorm)
     for imid in codes.imids:
         strength: Decimal | None = None
         brand = False
         matched = False
-        for code in rx:
-            if code in imid.generic:
-                matched, strength = True, strength or imid.generic[code]
-            elif code in imid.brand:
-                matched, brand, strength = True, True, strength or imid.brand[code]
-        if not matched and any(t in low for t in imid.text):
+        for code_ in rx:
+            if code_ in imid.generic:
+                matched, strength = True, strength or imid.generic[code_]
+            elif code_ in imid.brand:
+                matched, brand, strength = True, True, strength or imid.brand[code_]
+        if not matched and imid.text_terms.found_in(low):
             matched = True
         if not matched:
             continue
-        brand = brand or any(t in low for t in imid.brand_text)
+        brand = brand or imid.brand_terms.found_in(low)
         if strength is None:
             m = _STRENGTH.search(text)
             strength = Decimal(m.group(1)) if m else None
@@ -193,30 +339,29 @@ def identify_imid(concept: Any, codes: Codes, fallback_text: str = "") -> Medica
     return None
 
 
-def _is_capsule_unit(q: Any) -> bool:
-    unit = (getattr(q, "unit", None) or "").strip().lower()
-    code = getattr(q, "code", None) or ""
-    if code in _CAPSULE_CODES or code.lower() in _CAPSULE_UNITS:
+def _is_capsule_unit(q: Quantity) -> bool:
+    unit = (q.unit or "").strip().lower()
+    code_ = q.code or ""
+    if code_ in _CAPSULE_CODES or code_.lower() in _CAPSULE_UNITS:
         return True
-    return unit in _CAPSULE_UNITS or (not unit and not code)
+    return unit in _CAPSULE_UNITS or (not unit and not code_)
 
 
-def _instruction_text(mr: MedicationRequest) -> str:
-    parts = notes_text(mr)
-    for d in mr.dosageInstruction or []:
-        parts.extend(x for x in (d.text, d.patientInstruction) if x)
-        if d.timing is not None and d.timing.code is not None:
-            parts.append(concept_text(d.timing.code))
+def _instruction_text(order: OrderFields) -> str:
+    parts = list(order.notes)
+    for d in order.dosages:
+        parts.extend(x for x in (d.text, d.patient_instruction) if x)
+        if d.timing_code is not None:
+            parts.append(concept_text(d.timing_code))
     return "\n".join(parts)
 
 
-def _doses_per_day(mr: MedicationRequest, text: str) -> Decimal | None:
-    for d in mr.dosageInstruction or []:
-        rep = d.timing.repeat if d.timing is not None else None
-        if rep is not None and (rep.frequency is not None or rep.period is not None):
-            freq = Decimal(rep.frequency or 1)
-            period = decimal(rep.period) or Decimal(1)
-            unit_days = _DAY_UNITS.get((rep.periodUnit or "d").lower())
+def _doses_per_day(order: OrderFields, text: str) -> Decimal | None:
+    for d in order.dosages:
+        if d.has_repeat:
+            freq = Decimal(d.frequency or 1)
+            period = d.period or Decimal(1)
+            unit_days = _DAY_UNITS.get((d.period_unit or "d").lower())
             if unit_days is None or period <= 0:
                 return None
             return freq / (period * unit_days)
@@ -226,20 +371,19 @@ def _doses_per_day(mr: MedicationRequest, text: str) -> Decimal | None:
     return None
 
 
-def _dose(mr: MedicationRequest, strength: Decimal | None, text: str) -> Dose:
-    per_day = _doses_per_day(mr, text)
+def _dose(order: OrderFields, strength: Decimal | None, text: str) -> Dose:
+    per_day = _doses_per_day(order, text)
     caps_per_dose: Decimal | None = None
     mg_per_dose: Decimal | None = None
-    for d in mr.dosageInstruction or []:
-        for dr in d.doseAndRate or []:
-            q = dr.doseQuantity
+    for d in order.dosages:
+        for q in d.doses:
             if q is None or q.value is None:
                 continue
             unit = (q.unit or q.code or "").strip().lower()
             if unit in ("mg", "milligram", "milligrams"):
-                mg_per_dose = decimal(q.value)
+                mg_per_dose = q.value
             elif unit and _is_capsule_unit(q):
-                caps_per_dose = decimal(q.value)
+                caps_per_dose = q.value
             break
         if caps_per_dose or mg_per_dose:
             break
@@ -264,26 +408,22 @@ def _dose(mr: MedicationRequest, strength: Decimal | None, text: str) -> Dose:
     )
 
 
-def _supply(mr: MedicationRequest, dose: Dose) -> tuple[SupplyDays | None, str | None]:
-    dr = mr.dispenseRequest
-    esd = dr.expectedSupplyDuration if dr is not None else None
+def _supply(order: OrderFields, dose: Dose) -> tuple[SupplyDays | None, str | None]:
+    esd = order.supply_duration
     if esd is not None and esd.value is not None:
         unit = (esd.code or esd.unit or "d").strip().lower()
         factor = _DAY_UNITS.get(unit)
         if factor is None:
             return None, f"expectedSupplyDuration unit {esd.code or esd.unit!r} not understood"
-        days = decimal(esd.value)
-        if days is None:
-            return None, "expectedSupplyDuration has no number"
-        return SupplyDays(days * factor, "expectedSupplyDuration"), None
-    q = dr.quantity if dr is not None else None
+        return SupplyDays(esd.value * factor, "expectedSupplyDuration"), None
+    q = order.quantity
     if q is None or q.value is None:
         return None, "no expectedSupplyDuration and no quantity"
     if not _is_capsule_unit(q):
         return None, f"quantity unit {q.unit or q.code!r} is not capsules"
     if not dose.capsules_per_day:
         return None, "no expectedSupplyDuration, and capsules a day cannot be read from the dosage"
-    qty = decimal(q.value) or Decimal(0)
+    qty = q.value
     dose_days = (qty / dose.capsules_per_day).to_integral_value(rounding=ROUND_CEILING)
     if dose.days_on_per_cycle and dose.cycle_days:
         k, c = dose.days_on_per_cycle, dose.cycle_days
@@ -296,15 +436,14 @@ def _supply(mr: MedicationRequest, dose: Dose) -> tuple[SupplyDays | None, str |
     return SupplyDays(days, how), None
 
 
-def _authorization(mr: MedicationRequest, text: str) -> tuple[str | None, Sourced | None]:
-    r = ref(mr)
-    for ident in mr.identifier or []:
-        if ident.system == AUTHORIZATION_SYSTEM and ident.value:
-            return ident.value.strip(), Sourced(r, "identifier (rems-authorization system)")
-    for ident in mr.identifier or []:
-        label = concept_text(ident.type).lower()
-        if "rems" in label and "authori" in label and ident.value:
-            return ident.value.strip(), Sourced(r, "identifier typed REMS authorization")
+def _authorization(order: OrderFields, r: str, text: str) -> tuple[str | None, Sourced | None]:
+    for system, value, _ in order.identifiers:
+        if system == AUTHORIZATION_SYSTEM and value:
+            return value.strip(), Sourced(r, "identifier (rems-authorization system)")
+    for _, value, kind in order.identifiers:
+        label = concept_text(kind).lower()
+        if "rems" in label and "authori" in label and value:
+            return value.strip(), Sourced(r, "identifier typed REMS authorization")
     # A REMS-labelled number wins over any other "auth" (an insurance prior auth in the same note).
     matches = [m for m in _AUTH.finditer(text) if any(ch.isdigit() for ch in m.group(1))]
     labelled = [m for m in matches if "rems" in m.group(0).lower()]
@@ -332,171 +471,171 @@ def _category_from_text(text: str, adult: bool | None) -> RiskCategory | str | N
     return None
 
 
-def _category_code(code: str | None) -> RiskCategory | None:
+def _category_code(code_: str | None) -> RiskCategory | None:
     try:
-        return RiskCategory(code) if code else None
+        return RiskCategory(code_) if code_ else None
     except ValueError:
         return None
 
 
 def _risk_category(
-    mr: MedicationRequest, index: ResourceIndex, text: str, adult: bool | None
+    mr: Json, path: str, order: OrderFields, index: ResourceIndex, text: str, adult: bool | None
 ) -> tuple[RiskCategory | None, Sourced | None, str | None]:
     r = ref(mr)
     unrecognized: str | None = None
-    for ext in mr.extension or []:
-        if ext.url != RISK_CATEGORY_EXTENSION:
-            continue
-        code = ext.valueCoding.code if ext.valueCoding is not None else ext.valueCode
-        cat = _category_code(code)
+    for value_coding, value_code in order.risk_extensions:
+        code_ = value_coding[1] if value_coding is not None else value_code
+        cat = _category_code(code_)
         if cat is not None:
             return cat, Sourced(r, "extension rems-risk-category"), None
-        unrecognized = str(code or (ext.valueCoding.display if ext.valueCoding else None) or "empty")
-    for support in mr.supportingInformation or []:
-        target = index.resolve(support.reference, mr)
-        if target is None or target.get_resource_type() != "Observation":
+        unrecognized = str(code_ or (value_coding[2] if value_coding else None) or "empty")
+    for support in order.supporting:
+        target = index.resolve(support, mr, path)
+        if target is None or target["resourceType"] != "Observation":
             continue
-        for concept in (getattr(target, "valueCodeableConcept", None), getattr(target, "code", None)):
-            for system, code, _ in codings(concept):
+        tpath = index.path_of(target)
+        which = choice(target, tpath, OBSERVATION_VALUES)
+        value = concept(target, "valueCodeableConcept", tpath) if which == "valueCodeableConcept" else None
+        for concept_ in (value, concept(target, "code", tpath)):
+            for system, code_, _ in codings(concept_):
                 if system == RISK_CATEGORY_SYSTEM:
-                    cat = _category_code(code)
+                    cat = _category_code(code_)
                     if cat is not None:
                         return cat, Sourced(ref(target), "supportingInformation Observation"), None
-                    unrecognized = unrecognized or str(code)
+                    unrecognized = unrecognized or str(code_)
     found = _category_from_text(text, adult)
     if isinstance(found, RiskCategory):
         return found, Sourced(r, "note text"), None
     return None, None, unrecognized or found
 
 
-def _matches(concept: Any, ind: IndicationCodes, codes: Codes) -> bool:
-    icd = codes_in(concept, codes.icd10cm)
-    text = concept_text(concept).lower()
-    return (
-        any(c.startswith(p) for c in icd for p in ind.icd10cm_prefix)
-        or bool(codes_in(concept, codes.snomed) & ind.snomed)
-        or any(t in text for t in ind.text)
-    )
+def _terms(concept_: Concept | None, codes: Codes) -> tuple[set[str], set[str], str]:
+    """What an indication is matched on: ICD-10-CM codes, SNOMED codes, lower-case text."""
+    return codes_in(concept_, codes.icd10cm), codes_in(concept_, codes.snomed), concept_text(concept_).lower()
 
 
-def _indications(concepts: list[Any], codes: Codes, source: str) -> list[Indication]:
+def _matches(terms: tuple[set[str], set[str], str], ind: IndicationCodes) -> bool:
+    icd, sct, text = terms
+    return any(c.startswith(ind.icd10cm_prefix) for c in icd) or bool(sct & ind.snomed) or ind.text_terms.found_in(text)
+
+
+def _indications(concepts_: list[Concept | None], codes: Codes, source: str) -> list[Indication]:
     out: list[Indication] = []
-    for concept in concepts:
+    for concept_ in concepts_:
+        terms = _terms(concept_, codes)
         for ind in codes.indications:
-            if _matches(concept, ind, codes):
+            if _matches(terms, ind):
                 out.append(Indication(ind.key, source))
                 break
     return out
 
 
-def kaposi_with_hiv(concepts: list[Any], codes: Codes) -> bool:
+def kaposi_with_hiv(concepts_: list[Concept | None], codes: Codes) -> bool:
     """HIV-related Kaposi sarcoma coded as two diagnoses (e.g. ICD-10-CM C46.9 and B20)."""
-    return any(_matches(c, codes.kaposi, codes) for c in concepts) and any(
-        _matches(c, codes.hiv, codes) for c in concepts
-    )
+    terms = [_terms(c, codes) for c in concepts_]
+    return any(_matches(t, codes.kaposi) for t in terms) and any(_matches(t, codes.hiv) for t in terms)
 
 
-def order_indications(mr: MedicationRequest, index: ResourceIndex, codes: Codes) -> list[Indication]:
-    concepts: list[Any] = list(mr.reasonCode or [])
-    for reason in mr.reasonReference or []:
-        target = index.resolve(reason.reference, mr)
-        if target is not None and target.get_resource_type() == "Condition":
-            concepts.append(getattr(target, "code", None))
-    return _indications(concepts, codes, ref(mr))
+def order_indications(mr: Json, path: str, order: OrderFields, index: ResourceIndex, codes: Codes) -> list[Indication]:
+    found: list[Concept | None] = list(order.reason_codes)
+    for reason in order.reason_references:
+        target = index.resolve(reason, mr, path)
+        if target is not None and target["resourceType"] == "Condition":
+            found.append(concept(target, "code", index.path_of(target)))
+    return _indications(found, codes, ref(mr))
 
 
-def condition_indications(conditions: list[Resource], codes: Codes) -> list[Indication]:
+def condition_indications(conditions: list[ChartCondition], codes: Codes) -> list[Indication]:
     """Coverage indications of Conditions already filtered to those in effect."""
     out: list[Indication] = []
     for cond in conditions:
-        out.extend(_indications([getattr(cond, "code", None)], codes, ref(cond)))
+        out.extend(_indications([cond.code], codes, cond.ref))
     return out
 
 
 def imid_order(
-    mr: MedicationRequest,
+    mr: Json,
+    path: str,
     index: ResourceIndex,
     codes: Codes,
     zone: tzinfo,
     adult: bool | None,
+    medication: MedicationRead | None = None,
 ) -> ImidOrder | None:
-    """The IMiD facts of a MedicationRequest, or None when it is not an IMiD."""
-    concept, fallback = _medication_concept(mr, index)
-    ident = identify_imid(concept, codes, fallback)
+    """The IMiD facts of a MedicationRequest, or None when it is not an IMiD (then only its medication
+    has been read). `medication`: what `medication_of` already read, if the caller has it."""
+    concept_, fallback = medication if medication is not None else medication_of(mr, path, index)
+    ident = identify_imid(concept_, codes, fallback)
     if ident is None:
         return None
-    text = _instruction_text(mr)
-    dose = _dose(mr, ident.strength_mg, text)
-    supply, problem = _supply(mr, dose)
-    auth, auth_src = _authorization(mr, text)
-    category, cat_src, unrecognized = _risk_category(mr, index, text, adult)
-    authored = moment(mr.authoredOn)
-    validity = mr.dispenseRequest.validityPeriod if mr.dispenseRequest is not None else None
-    start_m = moment(validity.start) if validity is not None else None
-    start_m = start_m or authored
-    reasons = " ".join([concept_text(mr.reasonCode), concept_text(mr.courseOfTherapyType), text]).lower()
-    refills = mr.dispenseRequest.numberOfRepeatsAllowed if mr.dispenseRequest is not None else None
+    order = read_order(mr, path)
+    text = _instruction_text(order)
+    dose = _dose(order, ident.strength_mg, text)
+    supply, problem = _supply(order, dose)
+    r = ref(mr)
+    auth, auth_src = _authorization(order, r, text)
+    category, cat_src, unrecognized = _risk_category(mr, path, order, index, text, adult)
+    start_m = order.validity_start or order.authored_on
+    reasons = " ".join([concept_text(order.reason_codes), concept_text(order.course), text]).lower()
     return ImidOrder(
-        reference=ref(mr),
+        reference=r,
         drug=ident.drug,
         medication_text=ident.text,
         brand=ident.brand,
         strength_mg=ident.strength_mg,
-        status=str(mr.status or "unknown"),
-        authored_on=authored,
+        status=order.status,
+        authored_on=order.authored_on,
         start=local_day(start_m, zone) if start_m is not None else None,
         supply=supply,
         supply_problem=problem,
-        refills=int(refills) if refills is not None else None,
+        refills=order.refills,
         dose=dose,
         authorization_number=auth,
         authorization_source=auth_src,
         risk_category=category,
         risk_category_source=cat_src,
         risk_category_unrecognized=unrecognized,
-        indications=tuple(order_indications(mr, index, codes)),
-        maintenance=any(t in reasons for t in codes.maintenance_text),
-        requester=reference_of(mr.requester),
-        prior_prescription=reference_of(mr.priorPrescription),
+        indications=tuple(order_indications(mr, path, order, index, codes)),
+        maintenance=codes.maintenance_terms.found_in(reasons),
+        requester=order.requester,
+        prior_prescription=order.prior_prescription,
     )
 
 
-def antithrombotic(mr: MedicationRequest, index: ResourceIndex, codes: Codes) -> OtherMedication | None:
-    try:
-        concept, fallback = _medication_concept(mr, index)
-    except UnresolvedMedication:
-        return None
-    rx = codes_in(concept, codes.rxnorm)
-    text = concept_text(concept) or fallback
-    if rx & codes.antithrombotic_rxnorm or any(t in text.lower() for t in codes.antithrombotic_text):
-        return OtherMedication(ref(mr), text or "antithrombotic", str(mr.status))
+def antithrombotic(mr: Json, path: str, medication: MedicationRead, codes: Codes) -> OtherMedication | None:
+    """An anticoagulant or antiplatelet order (by RxNorm code or name), from its medication as read."""
+    concept_, fallback = medication
+    rx = codes_in(concept_, codes.rxnorm)
+    text = concept_text(concept_) or fallback
+    if rx & codes.antithrombotic_rxnorm or codes.antithrombotic_terms.found_in(text.lower()):
+        return OtherMedication(ref(mr), text or "antithrombotic", str(code(mr, "status", path, required=True)))
     return None
 
 
-def imid_dispense(md: MedicationDispense, index: ResourceIndex, codes: Codes) -> Dispense | None:
+def imid_dispense(md: Json, path: str, index: ResourceIndex, codes: Codes) -> Dispense | None:
     """A completed IMiD dispense; others (in-progress, cancelled…) supply nothing."""
-    if md.status != "completed":
+    if code(md, "status", path, required=True) != "completed":
         return None
     try:
-        concept, fallback = _medication_concept(md, index)
+        concept_, fallback = medication_of(md, path, index)
     except UnresolvedMedication:
         return None
-    ident = identify_imid(concept, codes, fallback)
+    ident = identify_imid(concept_, codes, fallback)
     if ident is None:
         return None
-    handed = moment(md.whenHandedOver)
+    handed = date_time(md, "whenHandedOver", path)
     if handed is None:
         return None
     days: Decimal | None = None
-    if md.daysSupply is not None and md.daysSupply.value is not None:
-        factor = _DAY_UNITS.get((md.daysSupply.code or md.daysSupply.unit or "d").strip().lower())
-        value = decimal(md.daysSupply.value)
-        days = value * factor if factor is not None and value is not None else None
-    prescriptions = [reference_of(p) for p in md.authorizingPrescription or []]
+    supply = quantity(md, "daysSupply", path)
+    if supply is not None and supply.value is not None:
+        factor = _DAY_UNITS.get((supply.code or supply.unit or "d").strip().lower())
+        days = supply.value * factor if factor is not None else None
+    prescriptions = references(md, "authorizingPrescription", path)
     return Dispense(
         reference=ref(md),
         drug=ident.drug,
         handed_over=handed,
         days_supply=days,
-        prescription=next((p for p in prescriptions if p), None),
+        prescription=next(iter(prescriptions), None),
     )

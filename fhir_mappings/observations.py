@@ -10,14 +10,28 @@ pass.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from functools import cache
 
-from fhir.resources.R4B.resource import Resource
-
+from fhir_mappings.access import (
+    Concept,
+    Json,
+    Quantity,
+    choice,
+    code,
+    concept,
+    concepts,
+    date_time,
+    instant,
+    obj,
+    objects,
+    quantity,
+    string,
+)
 from fhir_mappings.codes import Codes
-from fhir_mappings.common import as_date, codes_in, codings, concept_text, condition_in_effect, decimal, moment, ref
+from fhir_mappings.common import ChartCondition, as_date, codes_in, codings, concept_text, ref
 from rems.config import RemsRules
 from rems.model import (
     LabKind,
@@ -35,42 +49,89 @@ DROPPED_STATUSES = frozenset({"entered-in-error", "cancelled", "registered"})
 LAB_STATUSES = frozenset({"final", "amended", "corrected"})
 
 _HCG_TEXT = ("pregnancy test", "hcg", "choriogonadotropin", "beta-hcg", "b-hcg")
+_EFFECTIVE = frozenset({"effectiveDateTime", "effectivePeriod", "effectiveTiming", "effectiveInstant"})
+OBSERVATION_VALUES = frozenset(
+    f"value{t}"
+    for t in (
+        "Quantity",
+        "CodeableConcept",
+        "String",
+        "Boolean",
+        "Integer",
+        "Range",
+        "Ratio",
+        "SampledData",
+        "Time",
+        "DateTime",
+        "Period",
+    )
+)
+_PERFORMED = frozenset({"performedDateTime", "performedPeriod", "performedString", "performedAge", "performedRange"})
+_ONSET = frozenset({"onsetDateTime", "onsetAge", "onsetPeriod", "onsetRange", "onsetString"})
+
+
+@dataclass(slots=True)
+class ChartObservation:
+    """An Observation as first read: status and code (what decides whether any rule uses it). Its value
+    and times are read, and checked, only by the mapping that uses this kind of Observation."""
+
+    raw: Json
+    path: str
+    ref: str
+    status: str
+    code: Concept
+    loinc: set[str]
+
+
+def read_observation(raw: Json, path: str, codes: Codes) -> ChartObservation:
+    status = code(raw, "status", path, required=True)
+    obs_code = concept(raw, "code", path, required=True)
+    return ChartObservation(raw, path, ref(raw), status, obs_code, obs_code.codes(codes.loinc))
 
 
 def _norm(text: str) -> str:
     return f" {re.sub(r'[^a-z]+', ' ', text.lower()).strip()} "
 
 
+@cache
+def _normed(phrases: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_norm(p) for p in phrases)
+
+
 def _words_match(text: str, phrases: tuple[str, ...]) -> bool:
     """Whole-word phrase match with punctuation folded to spaces on both sides ("non-reactive" in the
     list matches "Non reactive" and "NON-REACTIVE" in the record)."""
     low = _norm(text)
-    return any(_norm(p) in low for p in phrases)
+    return any(p in low for p in _normed(phrases))
 
 
-def collection_time(obs: Any) -> tuple[datetime | date | None, str]:
+def collection_time(obs: ChartObservation) -> tuple[datetime | date | None, str]:
     """Specimen collection time: effectiveDateTime, else effectivePeriod.start, else effectiveInstant,
     else issued."""
-    if obs.effectiveDateTime is not None:
-        return moment(obs.effectiveDateTime), "effectiveDateTime"
-    if obs.effectivePeriod is not None and obs.effectivePeriod.start is not None:
-        return moment(obs.effectivePeriod.start), "effectivePeriod.start"
-    if getattr(obs, "effectiveInstant", None) is not None:
-        return moment(obs.effectiveInstant), "effectiveInstant"
-    if obs.issued is not None:
-        return moment(obs.issued), "issued"
+    raw, path = obs.raw, obs.path
+    which = choice(raw, path, _EFFECTIVE)
+    if which == "effectiveDateTime":
+        return date_time(raw, which, path), which
+    if which == "effectivePeriod":
+        period = obj(raw, which, path)
+        if period is not None and period.get("start") is not None:
+            return date_time(period, "start", f"{path}.effectivePeriod"), "effectivePeriod.start"
+    if which == "effectiveInstant":
+        return instant(raw, which, path), which
+    if raw.get("issued") is not None:
+        return instant(raw, "issued", path), "issued"
     return None, "none"
 
 
-def is_pregnancy_test(obs: Any, codes: Codes) -> bool:
-    loinc = codes_in(obs.code, codes.loinc)
+def is_pregnancy_test(obs: ChartObservation, codes: Codes) -> bool:
+    loinc = obs.loinc
     if loinc & codes.preg_exclude:
         return False
-    if loinc & (codes.preg_qualitative | codes.preg_quantitative):
+    if loinc & codes.preg_codes:
         return True
     if loinc:
         return False
-    text = concept_text(obs.code).lower()
+    text = obs.code.label().lower()
     return any(t in text for t in _HCG_TEXT) and "tumor" not in text and "tumour" not in text
 
 
@@ -85,17 +146,19 @@ def _text_signal(text: str, codes: Codes) -> TestResult | None:
     return None
 
 
-def _quantity_signal(obs: Any, rules: RemsRules) -> TestResult | None:
-    q = obs.valueQuantity
-    value = decimal(q.value) if q is not None else None
+def _reference_high(obs: ChartObservation) -> Decimal | None:
+    for rr, rpath in objects(obs.raw, "referenceRange", obs.path):
+        high = quantity(rr, "high", rpath)
+        if high is not None and high.value is not None:
+            return high.value
+    return None
+
+
+def _quantity_signal(obs: ChartObservation, q: Quantity, rules: RemsRules) -> TestResult | None:
+    value = q.value
     if value is None:
         return None
-    comparator = q.comparator
-    high: Decimal | None = None
-    for rr in obs.referenceRange or []:
-        if rr.high is not None and rr.high.value is not None:
-            high = decimal(rr.high.value)
-            break
+    high = _reference_high(obs)
     unit = (q.code or q.unit or "").replace("[", "").replace("]", "").lower()
     if high is None:
         if unit not in ("miu/ml", "iu/l", "mu/ml", "u/l", "iu/ml"):
@@ -103,41 +166,45 @@ def _quantity_signal(obs: Any, rules: RemsRules) -> TestResult | None:
         if unit == "iu/ml":
             value = value * 1000
         high = rules.quantitative_negative_below_miu_ml
-    if comparator in ("<", "<="):
+    if q.comparator in ("<", "<="):
         return TestResult.NEGATIVE if value <= high else None
-    if comparator in (">", ">="):
+    if q.comparator in (">", ">="):
         return TestResult.POSITIVE if value >= high else None
     return TestResult.NEGATIVE if value < high else TestResult.POSITIVE
 
 
-def pregnancy_result(obs: Any, codes: Codes, rules: RemsRules) -> tuple[TestResult, str]:
+def pregnancy_result(obs: ChartObservation, codes: Codes, rules: RemsRules) -> tuple[TestResult, str]:
+    raw, path = obs.raw, obs.path
     signals: list[TestResult] = []
     shown: list[str] = []
-    concept = obs.valueCodeableConcept
-    if concept is not None:
-        found = {c for _, c, _ in codings(concept)}
+    which = choice(raw, path, OBSERVATION_VALUES)
+    if which == "valueCodeableConcept":
+        value = concept(raw, which, path, required=True)
+        found = value.all_codes()
         if found & codes.preg_negative_codes:
             signals.append(TestResult.NEGATIVE)
         elif found & codes.preg_positive_codes:
             signals.append(TestResult.POSITIVE)
         else:
-            sig = _text_signal(concept_text(concept), codes)
+            sig = _text_signal(value.label(), codes)
             if sig:
                 signals.append(sig)
-        shown.append(concept_text(concept) or ",".join(sorted(c for c in found if c is not None)))
-    if obs.valueString:
-        shown.append(obs.valueString)
-        sig = _text_signal(obs.valueString, codes)
+        shown.append(value.label() or ",".join(sorted(found)))
+    elif which == "valueString":
+        text = string(raw, which, path, required=True)
+        shown.append(text)
+        sig = _text_signal(text, codes)
         if sig:
             signals.append(sig)
-    if obs.valueQuantity is not None:
-        q = obs.valueQuantity
-        shown.append(f"{q.comparator or ''}{q.value} {q.unit or q.code or ''}".strip())
-        sig = _quantity_signal(obs, rules)
-        if sig:
-            signals.append(sig)
-    interp = {c for _, c, _ in codings(obs.interpretation) if c is not None}
-    if codes_in(obs.code, codes.loinc) & codes.preg_quantitative:
+    elif which == "valueQuantity":
+        q = quantity(raw, which, path)
+        if q is not None:
+            shown.append(f"{q.comparator or ''}{q.value} {q.unit or q.code or ''}".strip())
+            sig = _quantity_signal(obs, q, rules)
+            if sig:
+                signals.append(sig)
+    interp = {c for _, c, _ in codings(concepts(raw, "interpretation", path)) if c is not None}
+    if obs.loinc & codes.preg_quantitative:
         interp -= {"N"}  # "normal" says negative only for a qualitative test (DECISIONS.md)
     if interp & codes.preg_negative_interp:
         signals.append(TestResult.NEGATIVE)
@@ -145,16 +212,17 @@ def pregnancy_result(obs: Any, codes: Codes, rules: RemsRules) -> tuple[TestResu
     elif interp & codes.preg_positive_interp:
         signals.append(TestResult.POSITIVE)
         shown.append("interpretation " + ",".join(sorted(interp)))
-    text = "; ".join(s for s in shown if s) or (
-        "data absent: " + concept_text(obs.dataAbsentReason) if obs.dataAbsentReason else "no value"
-    )
+    text = "; ".join(s for s in shown if s)
+    if not text:
+        absent = concept(raw, "dataAbsentReason", path)
+        text = "data absent: " + concept_text(absent) if absent is not None else "no value"
     if signals and all(s is signals[0] for s in signals):
         return signals[0], text
     return TestResult.UNREADABLE, text
 
 
 def pregnancy_tests(
-    observations: list[Resource], codes: Codes, rules: RemsRules
+    observations: list[ChartObservation], codes: Codes, rules: RemsRules
 ) -> tuple[list[PregnancyTest], list[str]]:
     tests: list[PregnancyTest] = []
     unreadable: list[str] = []
@@ -163,31 +231,33 @@ def pregnancy_tests(
             continue
         when, source = collection_time(obs)
         if when is None:
-            unreadable.append(f"{ref(obs)}: pregnancy test without a usable collection date")
+            unreadable.append(f"{obs.ref}: pregnancy test without a usable collection date")
             continue
         result, text = pregnancy_result(obs, codes, rules)
-        code = next(iter(sorted(codes_in(obs.code, codes.loinc))), None) or concept_text(obs.code)
-        tests.append(PregnancyTest(ref(obs), when, source, result, text, code, obs.status == "preliminary"))
+        code_ = next(iter(sorted(obs.loinc)), None) or obs.code.label()
+        tests.append(PregnancyTest(obs.ref, when, source, result, text, code_, obs.status == "preliminary"))
     return tests, unreadable
 
 
-def pregnancy_statuses(observations: list[Resource], codes: Codes) -> list[PregnancyStatus]:
+def pregnancy_statuses(observations: list[ChartObservation], codes: Codes) -> list[PregnancyStatus]:
     out = []
     for obs in observations:
-        if obs.status in DROPPED_STATUSES or codes.status_code not in codes_in(obs.code, codes.loinc):
+        if obs.status in DROPPED_STATUSES or codes.status_code not in obs.loinc:
             continue
         when, _ = collection_time(obs)
         if when is None:
             continue
-        found = {c for _, c, _ in codings(obs.valueCodeableConcept)}
-        text = concept_text(obs.valueCodeableConcept).lower()
+        which = choice(obs.raw, obs.path, OBSERVATION_VALUES)
+        value = concept(obs.raw, "valueCodeableConcept", obs.path) if which == "valueCodeableConcept" else None
+        found = {c for _, c, _ in value.codings} if value is not None else set()
+        text = value.label().lower() if value is not None else ""
         if found & codes.status_pregnant or (not found and text.strip() == "pregnant"):
             state = PregnancyState.PREGNANT
         elif found & codes.status_not_pregnant or "not pregnant" in text:
             state = PregnancyState.NOT_PREGNANT
         else:
             state = PregnancyState.UNKNOWN
-        out.append(PregnancyStatus(ref(obs), when, state))
+        out.append(PregnancyStatus(obs.ref, when, state))
     return out
 
 
@@ -221,40 +291,46 @@ _CREAT_TO_MG_DL = {
 }
 
 
+_LAB_UNITS = {LabKind.WEIGHT: _MASS_TO_KG, LabKind.CREATININE: _CREAT_TO_MG_DL}
+
+
 def _lab_factor(kind: LabKind, unit: str) -> Decimal | None:
     u = unit.replace("[", "").replace("]", "").replace(" ", "").lower()
-    table = {LabKind.WEIGHT: _MASS_TO_KG, LabKind.CREATININE: _CREAT_TO_MG_DL}.get(kind, _COUNT_TO_E9)
-    return table.get(u)
+    return _LAB_UNITS.get(kind, _COUNT_TO_E9).get(u)
 
 
-def labs(observations: list[Resource], codes: Codes) -> tuple[list[LabValue], list[str]]:
+def labs(observations: list[ChartObservation], codes: Codes) -> tuple[list[LabValue], list[str]]:
     out: list[LabValue] = []
     unreadable: list[str] = []
-    kinds = {code: LabKind(kind) for kind, codes_ in codes.labs.items() for code in codes_}
+    kinds = codes.lab_kinds
     for obs in observations:
         if obs.status not in LAB_STATUSES:
             continue
-        kind = next((kinds[c] for c in codes_in(obs.code, codes.loinc) if c in kinds), None)
-        if kind is None:
+        for c in obs.loinc:
+            kind = kinds.get(c)
+            if kind is not None:
+                break
+        else:
             continue
         when, _ = collection_time(obs)
-        q = obs.valueQuantity
-        value = decimal(q.value) if q is not None else None
-        if when is None or value is None:
-            unreadable.append(f"{ref(obs)}: {kind.value} without a usable date or value")
+        which = choice(obs.raw, obs.path, OBSERVATION_VALUES)
+        q = quantity(obs.raw, "valueQuantity", obs.path) if which == "valueQuantity" else None
+        value = q.value if q is not None else None
+        if when is None or q is None or value is None:
+            unreadable.append(f"{obs.ref}: {kind.value} without a usable date or value")
             continue
         unit = q.code or q.unit or ""
         factor = _lab_factor(kind, unit)
         if factor is None:
-            unreadable.append(f"{ref(obs)}: {kind.value} in unit {unit!r} not understood")
+            unreadable.append(f"{obs.ref}: {kind.value} in unit {unit!r} not understood")
             continue
-        out.append(LabValue(ref(obs), kind, value * factor, when, f"{q.value} {q.unit or q.code or ''}".strip()))
+        out.append(LabValue(obs.ref, kind, value * factor, when, f"{q.value} {q.unit or q.code or ''}".strip()))
     return out, unreadable
 
 
-def _nrp_kind(concept: Any, codes: Codes) -> NrpEvidenceKind | None:
-    sct = codes_in(concept, codes.snomed)
-    icd = codes_in(concept, codes.icd10cm)
+def _nrp_kind(concept_: Concept | None, codes: Codes) -> NrpEvidenceKind | None:
+    sct = codes_in(concept_, codes.snomed)
+    icd = codes_in(concept_, codes.icd10cm)
     # Hysterectomy first: codes listed under both (e.g. TAH-BSO) are hysterectomies.
     for kind in (
         NrpEvidenceKind.HYSTERECTOMY,
@@ -267,41 +343,51 @@ def _nrp_kind(concept: Any, codes: Codes) -> NrpEvidenceKind | None:
     return None
 
 
+def _since(raw: Json, path: str, name: str, choices: frozenset[str]) -> date | None:
+    """The day of `name`DateTime, else of `name`Period.start (partial dates give None)."""
+    which = choice(raw, path, choices)
+    if which == f"{name}DateTime":
+        return as_date(date_time(raw, which, path))
+    if which == f"{name}Period":
+        period = obj(raw, which, path, required=True)
+        return as_date(date_time(period, "start", f"{path}.{which}"))
+    return None
+
+
 def nrp_evidence(
-    procedures: list[Resource],
-    conditions: list[Resource],
-    observations: list[Resource],
+    procedures: list[tuple[Json, str]],
+    conditions: list[ChartCondition],
+    observations: list[ChartObservation],
     codes: Codes,
     birth_date: date | None,
 ) -> list[NrpEvidence]:
     out: list[NrpEvidence] = []
-    for proc in procedures:
-        if proc.status != "completed":
+    for proc, path in procedures:
+        if code(proc, "status", path, required=True) != "completed":
             continue
-        kind = _nrp_kind(proc.code, codes)
+        proc_code = concept(proc, "code", path)
+        kind = _nrp_kind(proc_code, codes)
         if kind is None:
             continue
-        since = as_date(proc.performedDateTime) or (
-            as_date(proc.performedPeriod.start) if proc.performedPeriod is not None else None
-        )
-        out.append(NrpEvidence(ref(proc), kind, since, concept_text(proc.code)))
+        since = _since(proc, path, "performed", _PERFORMED)
+        out.append(NrpEvidence(ref(proc), kind, since, concept_text(proc_code)))
     for cond in conditions:
-        if not condition_in_effect(cond):
+        if not cond.in_effect:
             continue
         kind = _nrp_kind(cond.code, codes)
         if kind is None:
             continue
-        since = as_date(cond.onsetDateTime) or (
-            as_date(cond.onsetPeriod.start) if cond.onsetPeriod is not None else None
-        )
+        since = _since(cond.raw, cond.path, "onset", _ONSET)
         if since is None and kind is not NrpEvidenceKind.NATURAL_MENOPAUSE:
-            since = as_date(cond.recordedDate)
-        out.append(NrpEvidence(ref(cond), kind, since, concept_text(cond.code)))
+            since = as_date(date_time(cond.raw, "recordedDate", cond.path))
+        out.append(NrpEvidence(cond.ref, kind, since, concept_text(cond.code)))
     if birth_date is not None:
         for obs in observations:
-            if obs.status in DROPPED_STATUSES or codes.age_at_menopause not in codes_in(obs.code, codes.loinc):
+            if obs.status in DROPPED_STATUSES or codes.age_at_menopause not in obs.loinc:
                 continue
-            years = decimal(obs.valueQuantity.value) if obs.valueQuantity is not None else None
+            which = choice(obs.raw, obs.path, OBSERVATION_VALUES)
+            q = quantity(obs.raw, "valueQuantity", obs.path) if which == "valueQuantity" else None
+            years = q.value if q is not None else None
             if years is None or not 0 < years < 100:
                 continue
             try:
@@ -310,7 +396,7 @@ def nrp_evidence(
                 since = date(birth_date.year + int(years), 3, 1)
             out.append(
                 NrpEvidence(
-                    ref(obs),
+                    obs.ref,
                     NrpEvidenceKind.NATURAL_MENOPAUSE,
                     since,
                     f"age at menopause {years.normalize():f}",
@@ -319,11 +405,14 @@ def nrp_evidence(
     return out
 
 
-def regular_cycles(observations: list[Resource], conditions: list[Resource], codes: Codes) -> bool:
+def regular_cycles(observations: list[ChartObservation], conditions: list[ChartCondition], codes: Codes) -> bool:
     if not codes.regular_cycles:
         return False
-    for res in [*observations, *conditions]:
-        concepts = [getattr(res, "code", None), getattr(res, "valueCodeableConcept", None)]
-        if any({c for _, c, _ in codings(x)} & codes.regular_cycles for x in concepts):
+    for obs in observations:
+        if obs.code.all_codes() & codes.regular_cycles:
             return True
-    return False
+        if choice(obs.raw, obs.path, OBSERVATION_VALUES) == "valueCodeableConcept":
+            value = concept(obs.raw, "valueCodeableConcept", obs.path)
+            if value is not None and value.all_codes() & codes.regular_cycles:
+                return True
+    return any(c.code is not None and c.code.all_codes() & codes.regular_cycles for c in conditions)

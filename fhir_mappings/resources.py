@@ -1,60 +1,45 @@
-"""Parse FHIR R4 JSON into `fhir.resources` R4B models, once, and index them.
+"""FHIR R4 JSON in: open Bundles entry by entry, check what every reader relies on, index by type and
+reference.
 
-Bundles are opened entry by entry (not validated as a whole Bundle) so an error names the entry:
-``prefetch.observations.entry[3].resource.effectiveDateTime``. Each resource is parsed exactly once.
+Resources stay the plain JSON objects `json` / `orjson` produced (no models, no copies). Here each one
+is checked only for what every reader relies on: a JSON object, a known FHIR R4 `resourceType`, a valid
+`id`. Each field is checked later, by the mapping that reads it (`fhir_mappings.access`), so a field no
+rule uses is never looked at. Bundles are opened entry by entry so an error names the entry:
+``prefetch.observations.entry[3].resource.effectiveDateTime``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhir.resources.R4B import get_fhir_model_class
-from fhir.resources.R4B.resource import Resource
-from pydantic import ValidationError
-
+from fhir_mappings.access import Json, fhir_id, invalid, is_id, resource_type, shown
 from fhir_mappings.errors import InvalidInput
+from fhir_mappings.r4_types import RESOURCE_TYPES
 
 MAX_ENTRIES = 5000
 """A prefetch with more entries than this is not a chart, it is a dump: refuse it (413-like)."""
 
 
-def _loc(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
-
-
-def parse_resource(raw: Any, path: str, allowed: Iterable[str] | None = None) -> Resource:
-    """One resource from JSON, validated against the R4B model for its `resourceType`."""
+def parse_resource(raw: Any, path: str, allowed: Iterable[str] | None = None) -> Json:
+    """One resource: a JSON object with a known `resourceType` (one of `allowed`, if given) and a valid
+    `id` when it has one. Returns `raw` itself; its fields are checked when a mapping reads them."""
     if not isinstance(raw, dict):
         raise InvalidInput(path, f"expected a FHIR resource (JSON object), got {type(raw).__name__}")
     rtype = raw.get("resourceType")
-    if not isinstance(rtype, str) or not rtype:
-        raise InvalidInput(f"{path}.resourceType", "missing: every FHIR resource names its resourceType")
-    allowed = tuple(allowed) if allowed is not None else None
-    if allowed is not None and rtype not in allowed:
-        raise InvalidInput(f"{path}.resourceType", f"expected {' or '.join(allowed)}, got {rtype!r}", 422)
-    try:
-        model = get_fhir_model_class(rtype)
-    except ValueError:
-        raise InvalidInput(f"{path}.resourceType", f"unknown FHIR R4 resource type {rtype!r}", 422) from None
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = path + _loc(err["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        value = err.get("input")
-        shown = repr(value)[:80] if not isinstance(value, dict | list) else type(value).__name__
-        raise InvalidInput(where, f"{err['msg']}; got {shown}{more}", 422) from None
+    if allowed is not None and isinstance(rtype, str) and rtype:
+        allowed = tuple(allowed)
+        if rtype not in allowed:
+            raise InvalidInput(f"{path}.resourceType", f"expected {' or '.join(allowed)}, got {shown(rtype)}", 422)
+    resource_type(raw, path)
+    fhir_id(raw, "id", path)
+    return raw
 
 
-def parse_bundle_entries(raw: Any, path: str, allowed: Iterable[str] | None = None) -> list[tuple[str, Resource]]:
-    """The resources of a Bundle (entries with `search.mode` = outcome are server messages, skipped)."""
+def parse_bundle_entries(raw: Any, path: str, allowed: Iterable[str] | None = None) -> list[tuple[str, Json]]:
+    """(path, resource) of each entry of a Bundle (entries with `search.mode` = outcome are server
+    messages, skipped)."""
     if not isinstance(raw, dict) or raw.get("resourceType") != "Bundle":
         got = raw.get("resourceType") if isinstance(raw, dict) else type(raw).__name__
         raise InvalidInput(path, f"expected a FHIR Bundle, got {got!r}")
@@ -63,47 +48,80 @@ def parse_bundle_entries(raw: Any, path: str, allowed: Iterable[str] | None = No
         raise InvalidInput(f"{path}.entry", "expected a list")
     if len(entries) > MAX_ENTRIES:
         raise InvalidInput(f"{path}.entry", f"{len(entries)} entries; at most {MAX_ENTRIES} accepted", 413)
+    allowed = tuple(allowed) if allowed is not None else None
     out = []
     for i, entry in enumerate(entries):
-        epath = f"{path}.entry[{i}]"
-        if not isinstance(entry, dict):
-            raise InvalidInput(epath, "expected a Bundle entry (JSON object)")
+        if type(entry) is not dict:
+            raise InvalidInput(f"{path}.entry[{i}]", "expected a Bundle entry (JSON object)")
         search = entry.get("search")
-        if isinstance(search, dict) and search.get("mode") == "outcome":
+        if search is not None and type(search) is dict and search.get("mode") == "outcome":
             continue
-        if "resource" not in entry:
-            raise InvalidInput(f"{epath}.resource", "missing")
-        out.append((f"{epath}.resource", parse_resource(entry["resource"], f"{epath}.resource", allowed)))
+        resource = entry.get("resource")
+        rpath = f"{path}.entry[{i}].resource"
+        if resource is None:
+            raise InvalidInput(rpath, "missing")
+        # The checks of `parse_resource`, with its common case inlined (this loop sees every entry).
+        rtype = resource.get("resourceType") if type(resource) is dict else None
+        rid = resource.get("id") if rtype is not None else None
+        if allowed is None and rtype in RESOURCE_TYPES and (rid is None or is_id(rid)):
+            out.append((rpath, resource))
+        else:
+            out.append((rpath, parse_resource(resource, rpath, allowed)))
     return out
 
 
 @dataclass
 class ResourceIndex:
-    """Parsed resources by type and by ``Type/id`` reference; `paths` remembers where each came from."""
+    """Resources (plain JSON) by type and by ``Type/id`` reference; `paths` remembers where each came
+    from (by object identity: the index lives as long as the request it was built from)."""
 
-    by_type: dict[str, list[Resource]] = field(default_factory=lambda: defaultdict(list))
-    by_ref: dict[str, Resource] = field(default_factory=dict)
+    by_type: dict[str, list[Json]] = field(default_factory=dict)
+    by_ref: dict[str, Json] = field(default_factory=dict)
     paths: dict[int, str] = field(default_factory=dict)
 
-    def add(self, resource: Resource, path: str) -> None:
-        rtype = resource.get_resource_type()
-        self.by_type[rtype].append(resource)
+    def add(self, resource: Json, path: str) -> None:
+        """Index a resource already checked by `parse_resource`."""
+        rtype: str = resource["resourceType"]
+        found = self.by_type.get(rtype)
+        if found is None:
+            self.by_type[rtype] = [resource]
+        else:
+            found.append(resource)
         self.paths[id(resource)] = path
-        rid = getattr(resource, "id", None)
+        rid = resource.get("id")
         if rid:
             self.by_ref.setdefault(f"{rtype}/{rid}", resource)
 
-    def of(self, rtype: str) -> list[Resource]:
+    def of(self, rtype: str) -> list[Json]:
         return self.by_type.get(rtype, [])
 
-    def resolve(self, reference: str | None, container: Resource | None = None) -> Resource | None:
-        """A reference's target among the indexed resources, or contained (``#id``) in `container`.
-        Absolute references resolve by their last two segments (``.../Medication/42``)."""
+    def located(self, rtype: str) -> list[tuple[Json, str]]:
+        """(resource, path) of each resource of a type."""
+        paths = self.paths
+        return [(r, paths[id(r)]) for r in self.by_type.get(rtype, [])]
+
+    def resolve(self, reference: str | None, container: Json | None = None, container_path: str = "") -> Json | None:
+        """A reference's target among the indexed resources, or contained (``#id``) in `container` (found
+        at `container_path`, default where it was indexed). Absolute references resolve by their last
+        two segments (``.../Medication/42``), versioned ones without ``_history/n``."""
         if not reference:
             return None
         if reference.startswith("#"):
-            for c in getattr(container, "contained", None) or []:
-                if getattr(c, "id", None) == reference[1:]:
+            if container is None:
+                return None
+            cpath = container_path or self.path_of(container)
+            contained = container.get("contained")
+            if contained is None:
+                return None
+            if not isinstance(contained, list):
+                invalid(f"{cpath}.contained", "a JSON array of resources", contained)
+            for i, c in enumerate(contained):
+                here = f"{cpath}.contained[{i}]"
+                if not isinstance(c, dict):
+                    invalid(here, "a FHIR resource (JSON object)", c)
+                if fhir_id(c, "id", here) == reference[1:]:
+                    resource_type(c, here)
+                    self.paths[id(c)] = here
                     return c
             return None
         parts = reference.rstrip("/").split("/")
@@ -114,7 +132,7 @@ class ResourceIndex:
             return self.by_ref.get(key)
         return None
 
-    def path_of(self, resource: Resource) -> str:
+    def path_of(self, resource: Json) -> str:
         return self.paths.get(id(resource), "?")
 
 
@@ -133,9 +151,12 @@ def index_prefetch(prefetch: Mapping[str, Any] | None, base: str = "prefetch") -
                 index.add(res, res_path)
         elif rtype == "OperationOutcome":
             issues = value.get("issue") or []
-            first = issues[0] if issues and isinstance(issues[0], dict) else {}
-            text = first.get("diagnostics") or (first.get("details") or {}).get("text") or "no details"
-            raise InvalidInput(path, f"the EHR sent an OperationOutcome instead of data: {str(text)[:200]!r}", 412)
+            first = issues[0] if isinstance(issues, list) and issues and isinstance(issues[0], dict) else {}
+            details = first.get("details")
+            text = first.get("diagnostics") or (details.get("text") if isinstance(details, dict) else None)
+            raise InvalidInput(
+                path, f"the EHR sent an OperationOutcome instead of data: {str(text or 'no details')[:200]!r}", 412
+            )
         else:
             index.add(parse_resource(value, path), path)
     return index

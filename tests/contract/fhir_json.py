@@ -15,11 +15,12 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from fhir.resources.R4B.resource import Resource
-
 from fhir_mappings import ResourceIndex, parse_resource
+from fhir_mappings.access import Json
 from fhir_mappings.codes import default_codes
+from fhir_mappings.common import ChartCondition, read_condition
 from fhir_mappings.medication import imid_order
+from fhir_mappings.observations import ChartObservation, read_observation
 from rems.model import ImidOrder
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -184,9 +185,24 @@ def bundle(*resources: dict[str, Any], kind: str = "searchset") -> dict[str, Any
 # ------------------------------------------------------------------------------------------------
 
 
-def parse(raw: dict[str, Any], path: str = "test") -> Resource:
-    """One resource through `fhir_mappings.parse_resource` (R4B validation)."""
+def parse(raw: dict[str, Any], path: str = "test") -> Json:
+    """One resource through `fhir_mappings.parse_resource` (known resourceType, valid id; its fields are
+    checked when a mapping reads them)."""
     return parse_resource(raw, path)
+
+
+def observations_of(*raws: dict[str, Any]) -> list[ChartObservation]:
+    """Observations as `build_case` hands them to the observation mappings (status and code read)."""
+    return [read_observation(parse(r, f"obs[{i}]"), f"obs[{i}]", default_codes()) for i, r in enumerate(raws)]
+
+
+def conditions_of(*raws: dict[str, Any]) -> list[ChartCondition]:
+    return [read_condition(parse(r, f"cond[{i}]"), f"cond[{i}]") for i, r in enumerate(raws)]
+
+
+def located(*raws: dict[str, Any], base: str = "res") -> list[tuple[Json, str]]:
+    """(resource, path) pairs, as `ResourceIndex.located` gives them."""
+    return [(parse(r, f"{base}[{i}]"), f"{base}[{i}]") for i, r in enumerate(raws)]
 
 
 def index_of(*raws: dict[str, Any]) -> ResourceIndex:
@@ -204,7 +220,7 @@ def order_of(
     zone: ZoneInfo = CHICAGO,
 ) -> ImidOrder | None:
     """The IMiD facts `fhir_mappings.medication.imid_order` reads from a MedicationRequest."""
-    return imid_order(parse(raw), index_of(*chart), default_codes(), zone, adult)
+    return imid_order(parse(raw), "test", index_of(*chart), default_codes(), zone, adult)
 
 
 def imid(raw: dict[str, Any], *chart: dict[str, Any], adult: bool | None = True) -> ImidOrder:

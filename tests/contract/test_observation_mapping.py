@@ -23,10 +23,12 @@ from rems.model import TestResult as PregnancyResult
 from .fhir_json import (
     ICD10CM,
     PATIENT_REF,
+    conditions_of,
     interpretation,
+    located,
     loinc,
     observation,
-    parse,
+    observations_of,
     quantity,
     snomed,
 )
@@ -52,7 +54,7 @@ def rules() -> RemsRules:
 
 
 def read_tests(*raws: dict[str, Any], rules_: RemsRules | None = None) -> tuple[list[Any], list[str]]:
-    return pregnancy_tests([parse(r) for r in raws], default_codes(), rules_ or rules())
+    return pregnancy_tests(observations_of(*raws), default_codes(), rules_ or rules())
 
 
 def one_result(code: str = "2106-3", **fields: Any) -> PregnancyResult:
@@ -312,7 +314,7 @@ def test_no_time_at_all_is_reported_not_used() -> None:
 
 
 def statuses_of(*raws: dict[str, Any]) -> list[Any]:
-    return pregnancy_statuses([parse(r) for r in raws], default_codes())
+    return pregnancy_statuses(observations_of(*raws), default_codes())
 
 
 @pytest.mark.parametrize(
@@ -351,7 +353,7 @@ def test_withdrawn_pregnancy_status_is_dropped() -> None:
 
 
 def labs_of(*raws: dict[str, Any]) -> tuple[list[Any], list[str]]:
-    return labs([parse(r) for r in raws], default_codes())
+    return labs(observations_of(*raws), default_codes())
 
 
 @pytest.mark.parametrize(
@@ -446,9 +448,9 @@ def evidence_of(
     birth_date: date | None = date(1962, 8, 9),
 ) -> list[Any]:
     return nrp_evidence(
-        [parse(r) for r in procedures],
-        [parse(r) for r in conditions],
-        [parse(r) for r in observations],
+        located(*procedures, base="proc"),
+        conditions_of(*conditions),
+        observations_of(*observations),
         default_codes(),
         birth_date,
     )
