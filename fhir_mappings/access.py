@@ -326,16 +326,16 @@ def objects(o: Json, key: str, path: str) -> list[tuple[Json, str]]:
 def choice(o: Json, path: str, names: frozenset[str]) -> str | None:
     """Which one of a choice element's names (`names`: ``valueQuantity``, ``valueString``...) is
     present. FHIR allows one: two of them is a 422 (we would not know which to act on)."""
-    found: str | None = None
-    for k in o.keys() if len(o) <= len(names) else names:
-        if k in names and o.get(k) is not None:
-            if found is not None:
-                first, second = [n for n in o if n in names and o[n] is not None][:2]
-                raise InvalidInput(
-                    at(path, second), f"{first} is present too: FHIR allows one name of a choice element", 422
-                )
-            found = k
-    return found
+    present = o.keys() & names
+    if not present:
+        return None
+    if len(present) == 1:
+        (k,) = present
+        return k if o[k] is not None else None
+    found = [k for k in o if k in present and o[k] is not None]  # in document order, for the message
+    if len(found) > 1:
+        raise InvalidInput(at(path, found[1]), f"{found[0]} is present too: FHIR allows one name of a choice", 422)
+    return found[0] if found else None
 
 
 class Quantity(NamedTuple):

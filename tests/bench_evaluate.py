@@ -1,8 +1,13 @@
-"""`make bench`: in-process latency of one hook evaluation over the scenario corpus.
+"""`make bench`: in-process latency of one hook evaluation.
 
-Measures `evaluate_request` (request validation, R4B parsing of every resource, fact mapping, all
-rules, card building) per scenario, repeated, and reports p50/p99 and throughput on this machine.
-No threshold: timing never decides a test.
+Two measurements on this machine, one core, no threshold (timing never decides a test):
+
+1. The scenario corpus: `evaluate_request(parse_request(raw))` (CDS envelope, FHIR reading with the
+   targeted checks of `fhir_mappings.access`, fact mapping, all rules, cards) per scenario, repeated;
+   p50/p90/p99 and throughput.
+2. The 40-resource prefetch of `tests/support/large_request.py` (an order-sign as a real chart sends
+   it, the body the HTTP bench posts), step by step: ``orjson.loads`` of the request body (what any
+   endpoint pays), the CDS envelope (`parse_request`, pydantic), `evaluate_request` alone, and both.
 """
 
 from __future__ import annotations
@@ -11,17 +16,38 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TextIO
 from zoneinfo import ZoneInfo
+
+import orjson
 
 from cds_hooks.service import evaluate_request, parse_request
 
 HERE = Path(__file__).parent / "scenarios"
 ROUNDS = 30
+LARGE_ROUNDS = 2000
 
 
-def main() -> int:
+def _ms(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+
+def _timed(step: Callable[[], Any], rounds: int) -> list[float]:
+    for _ in range(max(10, rounds // 10)):  # warm-up
+        step()
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def corpus(out: TextIO) -> int:
     cases = []
     for exp_path in sorted(HERE.glob("*/expected.json")):
         exp = json.loads(exp_path.read_text(encoding="utf-8"))
@@ -37,7 +63,7 @@ def main() -> int:
     if not cases:
         sys.stderr.write("no scenarios found\n")
         return 1
-    for _, raw, now, zone, _ in cases:  # warm-up: imports, model schemas, code lists
+    for _, raw, now, zone, _ in cases:  # warm-up: imports, code lists
         evaluate_request(parse_request(raw), now=now, zone=zone)
     samples: list[float] = []
     per_case: list[tuple[float, str, int]] = []
@@ -51,21 +77,50 @@ def main() -> int:
         samples.extend(mine)
         per_case.append((statistics.median(mine), name, n))
     elapsed = time.perf_counter() - started
-    samples.sort()
-
-    def pct(p: float) -> float:
-        return samples[min(len(samples) - 1, int(p * len(samples)))] * 1000
-
-    out = sys.stdout
     out.write(f"evaluate_request over {len(cases)} scenarios x {ROUNDS} rounds (in-process, one core)\n")
     out.write(
-        f"  p50 {pct(0.50):.2f} ms  p90 {pct(0.90):.2f} ms  p99 {pct(0.99):.2f} ms  max {samples[-1] * 1000:.2f} ms\n"
+        f"  p50 {_ms(samples, 0.50):.2f} ms  p90 {_ms(samples, 0.90):.2f} ms  p99 {_ms(samples, 0.99):.2f} ms"
+        f"  max {max(samples) * 1000:.2f} ms\n"
     )
     out.write(f"  throughput {len(samples) / elapsed:.0f} evaluations/s\n")
     out.write("  slowest scenarios (median ms, prefetch resources):\n")
     for median, name, n in sorted(per_case, reverse=True)[:5]:
         out.write(f"    {median * 1000:6.2f}  {n:3d}  {name}\n")
     return 0
+
+
+def large(out: TextIO) -> None:
+    try:  # shared with the HTTP bench (tests/bench_http.py), which posts the same body
+        from tests.support.large_request import count_resources, large_order_sign
+    except ImportError:
+        out.write("\n40-resource prefetch: tests/support/large_request.py not found, not measured\n")
+        return
+    raw, now, zone = large_order_sign()
+    body = orjson.dumps(raw)
+    request = parse_request(raw)
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("orjson.loads(body)", lambda: orjson.loads(body)),
+        ("parse_request (CDS envelope)", lambda: parse_request(raw)),
+        ("evaluate_request", lambda: evaluate_request(request, now=now, zone=zone)),
+        (
+            "loads + parse_request + evaluate",
+            lambda: evaluate_request(parse_request(orjson.loads(body)), now=now, zone=zone),
+        ),
+    ]
+    out.write(
+        f"\norder-sign with a {count_resources(raw)}-resource prefetch ({len(body):,} bytes of JSON), "
+        f"{LARGE_ROUNDS} rounds\n"
+    )
+    for label, step in steps:
+        samples = _timed(step, LARGE_ROUNDS)
+        out.write(f"  {label:34} p50 {_ms(samples, 0.5):7.3f} ms  p99 {_ms(samples, 0.99):7.3f} ms\n")
+
+
+def main() -> int:
+    status = corpus(sys.stdout)
+    if status == 0:
+        large(sys.stdout)
+    return status
 
 
 if __name__ == "__main__":
