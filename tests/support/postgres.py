@@ -26,11 +26,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -52,27 +54,56 @@ class PostgresUnavailable(Exception):
     """No PostgreSQL server could be found or started; the message says why."""
 
 
+_WATCHDOG = """
+import json, shutil, subprocess, sys
+stop_cmd, base_dir = json.loads(sys.argv[1])
+sys.stdin.buffer.read()  # returns when the test process closes the pipe or dies, however it dies
+subprocess.run(stop_cmd, capture_output=True, timeout=60, check=False)
+shutil.rmtree(base_dir, ignore_errors=True)
+"""
+
+
 @dataclass
 class PrivateCluster:
-    """A cluster started by this module; `stop` shuts it down and deletes its directory."""
+    """A cluster started by this module; `stop` shuts it down and deletes its directory.
+
+    A watchdog process (its own session, so Ctrl-C and ``timeout`` do not reach it) holds a pipe from
+    the test process and stops the cluster when the pipe closes: at `stop`, and also when the test
+    process is killed before its atexit handlers can run, so no postgres is left behind."""
 
     base_dir: Path
     port: int
     bin_dir: Path
     run_as: tuple[str, ...]
+    watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"postgresql://{SYSTEM_USER}@127.0.0.1:{self.port}/postgres"
 
-    def stop(self) -> None:
+    @property
+    def stop_command(self) -> list[str]:
         pg_ctl = str(self.bin_dir / "pg_ctl")
-        subprocess.run(
-            [*self.run_as, pg_ctl, "-D", str(self.base_dir / "data"), "-m", "immediate", "-w", "stop"],
-            check=False,
-            capture_output=True,
-            timeout=30,
+        return [*self.run_as, pg_ctl, "-D", str(self.base_dir / "data"), "-m", "immediate", "-w", "stop"]
+
+    def start_watchdog(self) -> None:
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, json.dumps([self.stop_command, str(self.base_dir)])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
+
+    def stop(self) -> None:
+        if self.watchdog is not None and self.watchdog.stdin is not None:
+            self.watchdog.stdin.close()
+            try:
+                self.watchdog.wait(timeout=60)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        subprocess.run(self.stop_command, check=False, capture_output=True, timeout=30)
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
@@ -149,7 +180,13 @@ def start_private_cluster(bin_dir: Path) -> PrivateCluster:
                 detail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
                 last_error = PostgresUnavailable(f"{exc} | {' | '.join(detail)}")
                 continue
-            return PrivateCluster(base_dir=base_dir, port=port, bin_dir=bin_dir, run_as=run_as)
+            cluster = PrivateCluster(base_dir=base_dir, port=port, bin_dir=bin_dir, run_as=run_as)
+            try:
+                cluster.start_watchdog()
+            except BaseException:
+                cluster.stop()
+                raise
+            return cluster
         assert last_error is not None
         raise last_error
     except BaseException:
