@@ -3,12 +3,15 @@
 ``imid-rems evaluate REQUEST.json [--now ISO] [--tz ZONE] [--config FILE]`` prints the CDS Hooks
 response the service answers for a request: ``{"cards": [...]}``. Bad input exits 2 with a message
 that names the field; it never prints an empty answer for a request it could not read.
+
+``imid-rems serve [--host 127.0.0.1] [--port 8000] [--insecure-no-auth]`` runs the CDS Hooks service.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import ValidationError
 
 from cds_hooks.service import evaluate_request, parse_request
+from cds_hooks.services import BY_HOOK
 from cds_hooks.settings import Settings, get_settings
 from fhir_mappings import InvalidInput
 from rems.config import ConfigError, load_config
@@ -63,8 +67,24 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if args.config:
         config = load_config(Path(args.config).read_text(encoding="utf-8"))
     request = parse_request(_load_json(Path(args.request), settings.max_body_bytes))
-    response = evaluate_request(request, now=_now(args.now), zone=zone, config=config)
+    service = BY_HOOK.get(request.hook)
+    if service is None:
+        raise InvalidInput("hook", f"no service for hook {request.hook!r}; expected one of {sorted(BY_HOOK)}")
+    response = evaluate_request(request, now=_now(args.now), zone=zone, config=config, service=service)
     sys.stdout.write(json.dumps(response.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn  # imported here: `evaluate` stays light
+
+    from cds_hooks.app import create_app
+
+    if args.insecure_no_auth:
+        settings = settings.model_copy(update={"cds_auth": "off"})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False, server_header=False)
     return 0
 
 
@@ -77,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tz", help="clinic IANA time zone (default: $IMID_REMS_CLINIC_TZ or the server's)")
     ev.add_argument("--config", help="institution override TOML for programs/protocol")
     ev.set_defaults(func=cmd_evaluate)
+    sv = sub.add_parser("serve", help="run the CDS Hooks HTTP service")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="accept CDS calls without a signed JWT (local development only; logged loudly)",
+    )
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

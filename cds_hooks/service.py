@@ -1,22 +1,32 @@
 """One hook call: validate the request, build the case, run the rules, answer with cards.
 
-Shared by `imid-rems evaluate` and (later) the HTTP service, so both answer exactly the same JSON.
+Shared by `imid-rems evaluate` and the HTTP service (`cds_hooks.app`), so both answer exactly the same
+JSON. The hooks differ in what they answer: order-select runs the REMS rules on the selected orders,
+order-sign every rule on every draft, patient-view one REMS status card, medication-refill the
+findings plus the drafted next prescription as a ``create`` suggestion.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime, tzinfo
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from cds_hooks.cards import cards_for
+from cds_hooks.cards import CardContext, cards_for, refill_card, status_card
 from cds_hooks.models import CONTEXT_MODELS, CdsResponse, HookRequest, OrderSelectContext
+from cds_hooks.services import BY_HOOK, CdsService
 from fhir_mappings import InvalidInput, build_case, check_drafts, index_prefetch, parse_bundle_entries, parse_resource
 from fhir_mappings.codes import default_codes
+from fhir_mappings.common import ref
 from rems import evaluate
 from rems.config import Config, default_config
+from rems.derive import suggested_category, view_order
+from rems.findings import Family
+from rems.model import Case, ImidOrder, RiskCategory
+from rems.rules import ALL_RULES, CLINICAL_RULES, COVERAGE_RULES, REMS_RULES, Rule
+from rems.status import rems_status
+from rems.timing import local_day
 
 
 class PrefetchMissing(InvalidInput):
@@ -76,6 +86,33 @@ def _may_be_imid(raw_entries: list[Any]) -> bool:
     return False
 
 
+def drafts_of(request: HookRequest, context: BaseModel) -> tuple[dict[str, Any] | None, str]:
+    """The Bundle of orders under review and its path: draftOrders (order-select/-sign), medications
+    (medication-refill), none (patient-view)."""
+    if request.hook in ("order-select", "order-sign"):
+        return context.draftOrders, "context.draftOrders"  # type: ignore[attr-defined]
+    if request.hook == "medication-refill":
+        return context.medications, "context.medications"  # type: ignore[attr-defined]
+    return None, ""
+
+
+def may_skip(request: HookRequest, context: BaseModel) -> bool:
+    """True when no draft can be an IMiD: the answer is ``{"cards": []}`` (after the drafts are
+    validated) and no chart data is needed — nothing is fetched."""
+    drafts_raw, _ = drafts_of(request, context)
+    if drafts_raw is None:
+        return False
+    entries = drafts_raw.get("entry", [])
+    return isinstance(entries, list) and not _may_be_imid(entries)
+
+
+def _rules(service: CdsService) -> tuple[Rule, ...]:
+    if service.families is None:
+        return ALL_RULES
+    by_family = {Family.REMS: REMS_RULES, Family.COVERAGE: COVERAGE_RULES, Family.CLINICAL: CLINICAL_RULES}
+    return tuple(r for fam, rules in by_family.items() if fam in service.families for r in rules)
+
+
 def evaluate_request(
     request: HookRequest,
     *,
@@ -83,16 +120,23 @@ def evaluate_request(
     zone: tzinfo,
     config: Config | None = None,
     expected_hook: str | None = None,
+    service: CdsService | None = None,
+    smart_launch_url: str | None = None,
 ) -> CdsResponse:
+    """The service's answer to one hook call whose prefetch is complete.
+
+    With `service` given (the HTTP app, the CLI), a prefetch key the service declares but the request
+    lacks (absent, not ``null``) is 412: the HTTP app fetches what it can first; the CLI has no server
+    to ask. Without it (mapping tests), absent keys are simply no data."""
     config = config or default_config()
+    required: tuple[str, ...] = ()
+    if service is not None:
+        expected_hook = service.hook
+        required = service.prefetch_keys
     context = parse_context(request, expected_hook)
+    service = service or BY_HOOK[request.hook]
     patient_id: str = context.patientId  # type: ignore[attr-defined]
-    drafts_raw: dict[str, Any] | None = None
-    drafts_path = ""
-    if request.hook in ("order-select", "order-sign"):
-        drafts_raw, drafts_path = context.draftOrders, "context.draftOrders"  # type: ignore[attr-defined]
-    elif request.hook == "medication-refill":
-        drafts_raw, drafts_path = context.medications, "context.medications"  # type: ignore[attr-defined]
+    drafts_raw, drafts_path = drafts_of(request, context)
     if drafts_raw is not None:
         if not isinstance(drafts_raw.get("entry", []), list):
             raise InvalidInput(f"{drafts_path}.entry", "expected a list")
@@ -107,6 +151,9 @@ def evaluate_request(
     drafts = [(p, r) for p, r in entries if r["resourceType"] != "Medication"]
 
     prefetch = dict(request.prefetch or {})
+    absent = [k for k in required if k not in prefetch]
+    if absent:
+        raise PrefetchMissing(absent[0], f"not prefetched ({', '.join(absent)}) and not fetched from a FHIR server")
     patient_raw = prefetch.pop("patient", None)
     if patient_raw is None:
         raise PrefetchMissing("patient", "the Patient is required and was not prefetched")
@@ -119,6 +166,7 @@ def evaluate_request(
     for p, r in entries:
         if r["resourceType"] == "Medication":
             chart.add(r, p)
+    user = getattr(context, "userId", None)
     case = build_case(
         patient=patient,
         patient_path="prefetch.patient",
@@ -127,16 +175,44 @@ def evaluate_request(
         chart=chart,
         now=now,
         zone=zone,
-        user=getattr(context, "userId", None),
+        user=user,
         config=config,
     )
+    ctx = CardContext(
+        hook_instance=request.hookInstance,
+        patient_id=patient_id,
+        user=user,
+        drafts={ref(r): r for _, r in drafts},
+        orders={o.reference: o for o in case.orders},
+        smart_launch_url=smart_launch_url,
+        today=local_day(now, zone),
+    )
+    if request.hook == "patient-view":
+        card = status_card(rems_status(case, config), ctx)
+        return CdsResponse(cards=[card] if card else [])
     only: set[str] | None = None
     if isinstance(context, OrderSelectContext) and context.selections:
         only = set(context.selections)
-    if request.hook == "patient-view":
-        # Until the REMS status card exists (issue 3), patient-view reports the findings on the
-        # patient's active IMiD orders, as if each were being renewed today.
-        active = tuple(o for o in case.chart.imid_orders if o.status == "active")
-        case = dataclasses.replace(case, orders=active)
-    findings = evaluate(case, config, only=only)
-    return CdsResponse(cards=cards_for(findings, request.hookInstance))
+    findings = evaluate(case, config, rules=_rules(service), only=only)
+    cards = cards_for(findings, ctx)
+    if request.hook == "medication-refill":
+        for order in case.orders:
+            category = order.risk_category or _suggested(case, config, order)
+            raw = ctx.drafts.get(order.reference)
+            if raw is not None:
+                cards.append(
+                    refill_card(
+                        order,
+                        raw,
+                        findings,
+                        ctx,
+                        category=category,
+                        authored_on=now,
+                        max_days=config.rems.max_supply_days,
+                    )
+                )
+    return CdsResponse(cards=cards)
+
+
+def _suggested(case: Case, config: Config, order: ImidOrder) -> RiskCategory | None:
+    return suggested_category(view_order(case, config, order))

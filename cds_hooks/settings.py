@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     default: the URL each request was made to."""
     fhir_timeout_s: float = 5.0
     """Timeout of each FHIR request made when prefetch data is missing."""
+    smart_launch_url: str | None = None
+    """The SMART app's launch URL, for ``smart`` links on cards (fixes done in the app: authorization
+    number, risk category). None: cards carry no app links."""
     cors_origins: str = "*"
     """Comma-separated origins allowed to call from a browser (CDS clients running in a web page).
     ``*`` is safe here: calls carry a bearer JWT, never cookies, so CORS grants no ambient authority."""

@@ -22,6 +22,7 @@ import pytest
 
 from cds_hooks.cli import build_parser, cmd_evaluate, main
 from cds_hooks.service import evaluate_request, parse_request
+from cds_hooks.services import BY_HOOK
 from cds_hooks.settings import get_settings
 from fhir_mappings import InvalidInput
 from rems.findings import RuleCode
@@ -309,7 +310,7 @@ def test_clinic_zone_from_tz_decides_whether_the_test_is_stale(
     """Now is Wednesday 18 June 09:00 in Chicago (23:00 in Tokyo). Collected on clinic day 10 June
     (Chicago) the test was good through 17 June; on 11 June (Tokyo), through 18 June."""
     path = tmp_path / "request.json"
-    path.write_text(json.dumps(_zone_request()), encoding="utf-8")
+    path.write_text(json.dumps(complete(_zone_request())), encoding="utf-8")
     assert main(["evaluate", str(path), "--now", "2025-06-18T09:00:00-05:00", "--tz", zone]) == 0
     codes = codes_of(json.loads(capsys.readouterr().out))
     assert ("pregnancy-test-stale" in codes) is stale
@@ -468,10 +469,40 @@ def test_quoted_bad_value_in_the_message() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def complete(raw: dict[str, Any]) -> dict[str, Any]:
+    """The request with every prefetch key the service declares: those the test leaves out are sent
+    as ``null`` ("no data"), as an EHR does. An *absent* key makes the CLI answer 412 like the service."""
+    out = json.loads(json.dumps(raw))
+    service = BY_HOOK.get(out.get("hook"))
+    if service is not None and isinstance(out.get("prefetch"), dict):
+        for key in service.prefetch_keys:
+            out["prefetch"].setdefault(key, None)
+    return out
+
+
 def _write(tmp_path: Path, content: Any, name: str = "request.json") -> Path:
     path = tmp_path / name
-    path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    path.write_text(content if isinstance(content, str) else json.dumps(complete(content)), encoding="utf-8")
     return path
+
+
+def test_cli_answers_412_for_a_prefetch_key_neither_sent_nor_fetchable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = complete(order_sign(unsafe_lenalidomide()))
+    del raw["prefetch"]["observations"]
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    code, out, err = _cli(
+        ["evaluate", str(path), "--now", "2025-06-18T10:00:00-05:00", "--tz", "America/Chicago"], capsys
+    )
+    assert (code, out) == (2, "")
+    assert "prefetch.observations" in err and "not prefetched" in err
+    with pytest.raises(InvalidInput) as caught:
+        cmd_evaluate(
+            build_parser().parse_args(["evaluate", str(path), "--now", "2025-06-18T10:00:00-05:00"]), get_settings()
+        )
+    assert (caught.value.path, caught.value.status) == ("prefetch.observations", 412)
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -145,7 +145,10 @@ def codes(request: dict[str, Any], now: datetime, zone: ZoneInfo) -> list[str]:
     from cds_hooks.service import evaluate_request, parse_request
 
     response = evaluate_request(parse_request(request), now=now, zone=zone).to_json()
-    return sorted(c["source"]["topic"]["code"] for c in response["cards"])
+    rule_system = "https://imid-rems.github.io/fhir/CodeSystem/rems-rule"
+    return sorted(
+        c["source"]["topic"]["code"] for c in response["cards"] if c["source"]["topic"]["system"] == rule_system
+    )
 
 
 def chart_order(request: dict[str, Any], rid: str) -> dict[str, Any]:

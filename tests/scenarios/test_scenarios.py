@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cds_hooks.cards import RULE_SYSTEM
 from cds_hooks.cli import main
 
 HERE = Path(__file__).parent
@@ -35,6 +36,11 @@ def run_cli(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
     return result
 
 
+def response_hook(name: str) -> str:
+    hook: str = json.loads((HERE / name / "request.json").read_text(encoding="utf-8"))["hook"]
+    return hook
+
+
 def test_corpus_is_large_enough() -> None:
     assert len(SCENARIOS) >= 40
 
@@ -44,8 +50,12 @@ def test_scenario_codes(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     response = run_cli(name, capsys)
     cards = response["cards"]
     assert isinstance(cards, list)
-    got = sorted(card["source"]["topic"]["code"] for card in cards)
+    got = sorted(card["source"]["topic"]["code"] for card in cards if card["source"]["topic"]["system"] == RULE_SYSTEM)
     assert got == expected(name)["codes"], expected(name)["description"]
+    # Beyond the rule findings: medication-refill adds one drafted-prescription card (refill-draft
+    # topic) per IMiD being renewed; order-select/-sign add none.
+    others = [c["source"]["topic"]["code"] for c in cards if c["source"]["topic"]["system"] != RULE_SYSTEM]
+    assert others == (["refill-draft"] if response_hook(name) == "medication-refill" else [])
 
 
 def test_console_script_answers_like_in_process(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,257 @@
+"""The CDS Hooks 2.0 HTTP service (FastAPI): discovery, one endpoint per service, feedback.
+
+- ``GET /cds-services`` lists `cds_hooks.services.SERVICES` (the same declarations route the calls).
+- ``POST /cds-services/{id}`` runs the hook: bad input is 400 / 413 / 422 with the field named; data we
+  could neither get prefetched nor fetch is 412; a crash is a logged 500, never an empty 200.
+- ``POST /cds-services/{id}/feedback`` stores the outcome with the card's rule code.
+- Every call needs a CDS client's signed JWT (`cds_hooks.auth`) unless auth is switched off for
+  local development, which is logged loudly at start and on every call.
+
+Hot-path choices (measured in `tests/bench_http.py`): the body is read once and parsed with orjson;
+FHIR resources stay plain dicts with targeted checks (`fhir_mappings`); the rules run inline (no thread
+hop); nothing is fetched for a non-IMiD order; the answer is serialised with orjson.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.middleware.cors import CORSMiddleware
+
+from cds_hooks import auth
+from cds_hooks import feedback as fb
+from cds_hooks.db import make_engine, migrate
+from cds_hooks.models import CdsResponse
+from cds_hooks.prefetch import FhirSource, fetch_missing, fetch_referenced_medications, missing_keys
+from cds_hooks.service import PrefetchMissing, drafts_of, evaluate_request, may_skip, parse_context, parse_request
+from cds_hooks.services import BY_ID, SERVICES, CdsService
+from cds_hooks.settings import Settings, get_settings
+from fhir_mappings import InvalidInput
+
+log = logging.getLogger("imid_rems.service")
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def error_response(exc: InvalidInput) -> Response:
+    return _json({"error": {"status": exc.status, "field": exc.path, "message": exc.message}}, exc.status)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, read at most `limit` bytes (413 past it, whatever Content-Length claims)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InvalidInput("(body)", f"{declared} bytes; requests over {limit} bytes are refused", 413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidInput("(body)", f"over {limit} bytes; requests over {limit} bytes are refused", 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise InvalidInput("(body)", "empty; expected a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput("(body)", f"malformed JSON: {exc}") from None
+
+
+class Authenticator:
+    """The trusted CDS clients, their keys and the replay cache: `check` turns an Authorization header
+    into the calling client's ``iss``, or a 401 that says what is wrong."""
+
+    def __init__(self, settings: Settings, engine: Any, http: httpx.AsyncClient) -> None:
+        self.clients = auth.load_clients(settings.cds_clients)
+        if not self.clients:
+            raise auth.ClientConfigError(
+                "IMID_REMS_CDS_CLIENTS lists no CDS client: nobody could call the service. Configure one, or "
+                "switch auth off for local development (IMID_REMS_CDS_AUTH=off / --insecure-no-auth)."
+            )
+        self.keys = auth.JwksStore(self.clients, http=http)
+        self.replay = auth.ReplayCache(engine)
+
+    async def check(self, authorization: str | None, audience: str) -> str:
+        try:
+            token = auth.bearer_token(authorization)
+            claims = await auth.verify(
+                token, audience=audience, clients=self.clients, keys=self.keys, replay=self.replay
+            )
+        except auth.JwksUnavailable as exc:
+            raise InvalidInput("Authorization", str(exc), 503) from None
+        except auth.AuthError as exc:
+            raise InvalidInput("Authorization", str(exc), 401) from None
+        return claims.iss
+
+
+def build_authenticator(settings: Settings, engine: Any, http: httpx.AsyncClient) -> Authenticator | None:
+    return None if settings.cds_auth == "off" else Authenticator(settings, engine, http)
+
+
+class State:
+    """What one app instance holds: settings, database engine, HTTP client, authenticator. Nothing here
+    is per-user or per-session, so replicas behind a load balancer are interchangeable."""
+
+    def __init__(self, settings: Settings, now: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.now = now
+        self.zone = settings.zone()
+        self.config = settings.rems_config()
+        self.engine = make_engine(settings.database_url)
+        self.smart = settings.smart_launch_url
+        self.http: httpx.AsyncClient | None = None
+        self.auth: Authenticator | None = None
+
+
+def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] | None = None) -> FastAPI:
+    """The ASGI app. `now` replaces the clock (tests evaluate scenarios at their own date)."""
+    settings = settings or get_settings()
+    state = State(settings, now or (lambda: datetime.now(UTC)))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        migrate(state.engine)
+        timeout = httpx.Timeout(settings.fhir_timeout_s)
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False) as client:
+            state.http = client
+            state.auth = build_authenticator(settings, state.engine, client)
+            if state.auth is None:
+                log.warning(
+                    "CDS Hooks authentication is OFF (IMID_REMS_CDS_AUTH=off / --insecure-no-auth): any caller "
+                    "can call every service. Local development only."
+                )
+            # Everything loaded at start (code lists, config, models) is long-lived: move it out of the
+            # GC's young generations so collections during requests stay short (p99).
+            gc.collect()
+            gc.freeze()
+            yield
+        state.engine.dispose()
+
+    app = FastAPI(
+        title="imid-rems CDS Hooks service",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.imid = state
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type"],
+        max_age=600,
+    )
+
+    async def authenticate(request: Request) -> str | None:
+        """The calling client's ``iss`` (None when auth is off). Raises InvalidInput(401)."""
+        if state.auth is None:
+            log.warning("unauthenticated CDS call to %s (auth is off)", request.url.path)
+            return None
+        base = settings.public_base_url.rstrip("/") if settings.public_base_url else None
+        audience = f"{base}{request.url.path}" if base else str(request.url.replace(query=""))
+        iss: str = await state.auth.check(request.headers.get("authorization"), audience)
+        return iss
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(_: Request, exc: InvalidInput) -> Response:
+        response = error_response(exc)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        return response
+
+    @app.get("/cds-services")
+    async def discovery(request: Request) -> Response:
+        await authenticate(request)
+        return _json({"services": [s.discovery() for s in SERVICES]})
+
+    @app.post("/cds-services/{service_id}")
+    async def call(service_id: str, request: Request) -> Response:
+        await authenticate(request)
+        service = _service(service_id)
+        raw = await read_json(request, settings.max_body_bytes)
+        hook_request = parse_request(raw)
+        try:
+            return _json((await run_hook(state, service, hook_request)).to_json())
+        except InvalidInput:
+            raise
+        except Exception:
+            log.exception("hook failed: service=%s hookInstance=%s", service.id, hook_request.hookInstance)
+            return _json({"error": {"status": 500, "message": "internal error; nothing was checked"}}, 500)
+
+    @app.post("/cds-services/{service_id}/feedback")
+    async def feedback(service_id: str, request: Request) -> Response:
+        client_iss = await authenticate(request)
+        service = _service(service_id)
+        raw = await read_json(request, settings.max_body_bytes)
+        items = fb.parse_feedback(raw, service.id, client_iss, state.now())
+        stored = fb.store(state.engine, items)
+        return _json({"stored": stored})
+
+    return app
+
+
+def _service(service_id: str) -> CdsService:
+    service = BY_ID.get(service_id)
+    if service is None:
+        raise InvalidInput("(url)", f"no CDS service {service_id!r}; see GET /cds-services", 404)
+    return service
+
+
+async def run_hook(state: State, service: CdsService, hook_request: Any) -> CdsResponse:
+    """Validate, fetch what is missing (in parallel), evaluate, answer."""
+    context = parse_context(hook_request, service.hook)
+    drafts = drafts_of(hook_request, context)
+    if may_skip(hook_request, context):
+        # Not an IMiD order: validated, answered at once, and the FHIR server is never called.
+        return evaluate_request(
+            hook_request,
+            now=state.now(),
+            zone=state.zone,
+            config=state.config,
+            service=service,
+            smart_launch_url=state.smart,
+        )
+    prefetch = dict(hook_request.prefetch or {})
+    missing = missing_keys(service.prefetch, prefetch)
+    source: FhirSource | None = None
+    if hook_request.fhirServer and hook_request.fhirAuthorization is not None:
+        source = FhirSource(hook_request.fhirServer, hook_request.fhirAuthorization.access_token)
+    elif hook_request.fhirServer:
+        source = FhirSource(hook_request.fhirServer, None)
+    if missing:
+        if source is None or state.http is None:
+            raise PrefetchMissing(missing[0], f"not prefetched ({', '.join(missing)}) and no fhirServer to fetch from")
+        prefetch.update(await fetch_missing(state.http, source, service.prefetch, missing, context.model_dump()))
+    if source is not None and state.http is not None:
+        extra = await fetch_referenced_medications(state.http, source, drafts, prefetch)
+        if extra is not None:
+            prefetch["_referencedMedications"] = extra
+    complete = hook_request.model_copy(update={"prefetch": prefetch})
+    return _evaluate(state, service, complete)
+
+
+def _evaluate(state: State, service: CdsService, hook_request: Any) -> CdsResponse:
+    return evaluate_request(
+        hook_request,
+        now=state.now(),
+        zone=state.zone,
+        config=state.config,
+        service=service,
+        smart_launch_url=state.smart,
+    )
