@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -113,6 +114,14 @@ class State:
         self.smart = settings.smart_launch_url
         self.http: httpx.AsyncClient | None = None
         self.auth: Authenticator | None = None
+        self._warned_at = 0.0
+
+    def warn_unauthenticated(self, path: str) -> None:
+        """With auth off, say so again at most once a minute (every call would drown the log)."""
+        moment = time.monotonic()
+        if moment - self._warned_at >= 60:
+            self._warned_at = moment
+            log.warning("unauthenticated CDS calls are being answered (auth is off), e.g. %s", path)
 
 
 def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] | None = None) -> FastAPI:
@@ -161,7 +170,7 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
     async def authenticate(request: Request) -> str | None:
         """The calling client's ``iss`` (None when auth is off). Raises InvalidInput(401)."""
         if state.auth is None:
-            log.warning("unauthenticated CDS call to %s (auth is off)", request.url.path)
+            state.warn_unauthenticated(request.url.path)
             return None
         base = settings.public_base_url.rstrip("/") if settings.public_base_url else None
         audience = f"{base}{request.url.path}" if base else str(request.url.replace(query=""))
@@ -237,7 +246,7 @@ async def run_hook(state: State, service: CdsService, hook_request: Any) -> CdsR
     if missing:
         if source is None or state.http is None:
             raise PrefetchMissing(missing[0], f"not prefetched ({', '.join(missing)}) and no fhirServer to fetch from")
-        prefetch.update(await fetch_missing(state.http, source, service.prefetch, missing, context.model_dump()))
+        prefetch.update(await fetch_missing(state.http, source, service.prefetch, missing, hook_request.context))
     if source is not None and state.http is not None:
         extra = await fetch_referenced_medications(state.http, source, drafts, prefetch)
         if extra is not None:

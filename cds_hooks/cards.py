@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -347,17 +347,30 @@ def draft_identifier(prior_reference: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"refill|{prior_reference}"))
 
 
-def refill_card(
+@dataclass(frozen=True)
+class DraftedRefill:
+    order: ImidOrder
+    """The order being renewed (from the hook's context)."""
+    prior: str
+    """Reference of the prescription the new one continues."""
+    days: int
+    category: RiskCategory | None
+    resource: dict[str, Any]
+    """The new MedicationRequest (no id: the EHR assigns one on create)."""
+
+
+def draft_refill(
     order: ImidOrder,
     raw: dict[str, Any],
-    findings: Iterable[Finding],
     ctx: CardContext,
     *,
     category: RiskCategory | None,
     authored_on: datetime,
     max_days: int,
-) -> Card:
-    mine = [f for f in findings if f.order == order.reference]
+) -> DraftedRefill:
+    """The next prescription for a renewal: same drug and dosing, the order's supply when it is within
+    the REMS limit (a 21-day cycle stays 21) else the limit, no refills, the risk category, no
+    authorization number (the REMS issues a new one per prescription: the pharmacist enters it)."""
     prior = order.prior_prescription or order.reference
     days = max_days
     if order.supply is not None and 0 < order.supply.days <= max_days:
@@ -374,30 +387,42 @@ def refill_card(
         authored_on=authored_on,
         requester=ctx.user,
     )
+    return DraftedRefill(order, prior, days, category, resource)
+
+
+_EXPECTED_ON_A_DRAFT = frozenset({RuleCode.AUTHORIZATION_MISSING})
+"""Findings every drafted refill has until the pharmacist acts: said once in the card, not as a blocker."""
+
+
+def refill_card(drafted: DraftedRefill, checks: Sequence[Finding], ctx: CardContext) -> Card:
+    """The drafted prescription as a ``create`` suggestion; `checks` are the rules' findings on the
+    drafted prescription itself (not on the renewal request it replaces)."""
+    order, days, category = drafted.order, drafted.days, drafted.category
     uid = card_uuid(ctx.hook_instance, order.reference, REFILL_TOPIC)
-    blocking = [f for f in mine if f.info.hard_stop]
+    open_checks = [f for f in checks if f.code not in _EXPECTED_ON_A_DRAFT]
+    blocking = [f for f in open_checks if f.info.hard_stop]
     drug = Drug(order.drug).value.capitalize()
     summary = f"{drug}: next {days}-day prescription drafted, no refills"
     summary += f"; {len(blocking)} REMS problem(s) to fix first" if blocking else "; pre-checks passed"
+    cat = CATEGORY_DISPLAY[category] if category else "**unknown — document it**"
     lines = [
-        f"A new prescription continuing `{prior}`: {order.medication_text}, {days} days, no refills, "
-        f"risk category {CATEGORY_DISPLAY[category] if category else '**unknown — document it**'}.",
+        f"A new prescription continuing `{drafted.prior}`: {order.medication_text}, {days} days, no refills, "
+        f"risk category {cat}.",
         "**Enter the REMS authorization number** the REMS issues for this prescription before signing.",
-        "**Pre-checks**",
     ]
-    if mine:
-        lines.extend(f"- {f.severity.value}: {f.summary} (`{f.code.value}`)" for f in mine)
+    checks_md = "**Pre-checks of the drafted prescription**\n"
+    if open_checks:
+        checks_md += "\n".join(f"- {f.severity.value}: {f.summary} (`{f.code.value}`)" for f in open_checks)
     else:
-        lines.append("- every REMS, coverage and clinical rule passed")
+        checks_md += "- every other REMS, coverage and clinical rule passed"
+    lines.append(checks_md)
     label = f"Create the {days}-day prescription (draft)"
-    indicator = Severity.INFO
-    if mine:
-        indicator = max((f.severity for f in mine), key=_RANK.__getitem__)
-    link = _smart_link(ctx, "Review in the pharmacist worklist", {"view": "worklist", "order": prior})
+    indicator = max((f.severity for f in open_checks), key=_RANK.__getitem__, default=Severity.INFO)
+    link = _smart_link(ctx, "Review in the pharmacist worklist", {"view": "worklist", "order": drafted.prior})
     return Card(
         uuid=uid,
         summary=summary[:139],
-        detail="\n\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]),
+        detail="\n\n".join(lines),
         indicator=indicator.value,
         source=Source(label=SOURCE_LABEL, topic=Coding(system=CARD_SYSTEM, code=REFILL_TOPIC, display="Refill draft")),
         suggestions=[
@@ -405,7 +430,7 @@ def refill_card(
                 "label": label,
                 "uuid": suggestion_uuid(uid, label),
                 "isRecommended": not blocking,
-                "actions": [{"type": "create", "description": label, "resource": resource}],
+                "actions": [{"type": "create", "description": label, "resource": drafted.resource}],
             }
         ],
         selectionBehavior="at-most-one",

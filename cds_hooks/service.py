@@ -13,12 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from cds_hooks.cards import CardContext, cards_for, refill_card, status_card
-from cds_hooks.models import CONTEXT_MODELS, CdsResponse, HookRequest, OrderSelectContext
+from cds_hooks.cards import CardContext, cards_for, draft_refill, refill_card, status_card
+from cds_hooks.models import CONTEXT_MODELS, Card, CdsResponse, HookRequest, OrderSelectContext
 from cds_hooks.services import BY_HOOK, CdsService
 from fhir_mappings import InvalidInput, build_case, check_drafts, index_prefetch, parse_bundle_entries, parse_resource
 from fhir_mappings.codes import default_codes
 from fhir_mappings.common import ref
+from fhir_mappings.resources import ResourceIndex
 from rems import evaluate
 from rems.config import Config, default_config
 from rems.derive import suggested_category, view_order
@@ -196,22 +197,46 @@ def evaluate_request(
     findings = evaluate(case, config, rules=_rules(service), only=only)
     cards = cards_for(findings, ctx)
     if request.hook == "medication-refill":
-        for order in case.orders:
-            category = order.risk_category or _suggested(case, config, order)
-            raw = ctx.drafts.get(order.reference)
-            if raw is not None:
-                cards.append(
-                    refill_card(
-                        order,
-                        raw,
-                        findings,
-                        ctx,
-                        category=category,
-                        authored_on=now,
-                        max_days=config.rems.max_supply_days,
-                    )
-                )
+        cards.extend(_refill_cards(case, ctx, chart, patient, now, zone, user, config))
     return CdsResponse(cards=cards)
+
+
+def _refill_cards(
+    case: Case,
+    ctx: CardContext,
+    chart: ResourceIndex,
+    patient: dict[str, Any],
+    now: datetime,
+    zone: tzinfo,
+    user: str | None,
+    config: Config,
+) -> list[Card]:
+    """One card per IMiD being renewed: the drafted next prescription, pre-checked by running every
+    rule on the drafted prescription itself against the same chart."""
+    authored = now.astimezone(zone).replace(microsecond=0)
+    out: list[Card] = []
+    for i, order in enumerate(case.orders):
+        raw = ctx.drafts.get(order.reference)
+        if raw is None:
+            continue
+        category = order.risk_category or _suggested(case, config, order)
+        drafted = draft_refill(
+            order, raw, ctx, category=category, authored_on=authored, max_days=config.rems.max_supply_days
+        )
+        probe = {**drafted.resource, "id": f"imid-rems-drafted-{i}"}
+        drafted_case = build_case(
+            patient=patient,
+            patient_path="prefetch.patient",
+            drafts=[probe],
+            draft_paths=[f"(drafted prescription for {order.reference})"],
+            chart=chart,
+            now=now,
+            zone=zone,
+            user=user,
+            config=config,
+        )
+        out.append(refill_card(drafted, evaluate(drafted_case, config), ctx))
+    return out
 
 
 def _suggested(case: Case, config: Config, order: ImidOrder) -> RiskCategory | None:
