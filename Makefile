@@ -11,7 +11,7 @@ EXAMPLES := lenalidomide-adult-male-ongoing-clean frp-test-8-days-stale revlimid
 FHIR_SERVER := tests/fhir_server
 FHIR_STAMP := $(FHIR_SERVER)/node_modules/.package-lock.json
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run examples test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,18 @@ $(FHIR_STAMP): $(FHIR_SERVER)/package.json $(FHIR_SERVER)/package-lock.json
 	cd $(FHIR_SERVER) && npm ci --no-audit --no-fund
 	touch $(FHIR_STAMP)
 
-## run: evaluate the example requests and print the CDS Hooks answers (the HTTP service comes next)
+## run: the CDS Hooks service on http://127.0.0.1:8000 with its embedded defaults (SQLite file
+## imid-rems.sqlite, clinic zone = the machine's). JWT checks are switched OFF here, for local use only
+## (logged loudly); production sets IMID_REMS_CDS_CLIENTS and never passes --insecure-no-auth.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: $(STAMP)
+	@echo "imid-rems CDS Hooks service: http://$(HOST):$(PORT)/cds-services   (Ctrl-C stops it)"
+	@echo "try: curl -s -X POST http://$(HOST):$(PORT)/cds-services/imid-rems-order-sign -H 'Content-Type: application/json' --data @tests/scenarios/frp-test-8-days-stale/request.json"
+	$(BIN)/imid-rems serve --host $(HOST) --port $(PORT) --insecure-no-auth
+
+## examples: evaluate the example requests offline and print the CDS Hooks answers
+examples: $(STAMP)
 	@for name in $(EXAMPLES); do \
 	  dir=tests/scenarios/$$name; \
 	  now=$$($(BIN)/python -c "import json,sys; print(json.load(open(sys.argv[1]))['now'])" $$dir/expected.json); \
@@ -46,9 +56,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: in-process evaluation latency over the scenario corpus (timing never gates the tests)
+## bench: in-process evaluation latency, then order-sign over HTTP next to a bare FastAPI endpoint
+## (timing never gates the tests)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench_evaluate
+	$(BIN)/python -m tests.bench_http
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(FHIR_SERVER)/node_modules

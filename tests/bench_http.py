@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/cds-services/imid-rems-order-sign"
@@ -35,9 +37,6 @@ PATH = "/cds-services/imid-rems-order-sign"
 
 
 def bare_app() -> Any:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response
-
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.post("/cds-services/{service_id}")
@@ -161,6 +160,7 @@ def start(kind: str, now: str, db: str, clients: str | None = None) -> tuple[sub
 
 
 def main() -> int:
+    from tests.support.jwt_keys import client_config, ec_key, sign, write_jwks
     from tests.support.large_request import count_resources, large_order_sign
 
     ap = argparse.ArgumentParser()
@@ -171,14 +171,29 @@ def main() -> int:
     n = args.requests
     rows: list[tuple[str, int, Result]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("bare", "imid"):
-            proc, port = start(kind, now.isoformat(), str(Path(tmp) / f"{kind}.sqlite"))
+        key = ec_key(alg="ES384")
+        clients = client_config(jwks_path=write_jwks(Path(tmp) / "jwks.json", key))
+        for kind in ("bare", "imid", "imid-auth"):
+            server_kind = "bare" if kind == "bare" else "imid"
+            proc, port = start(
+                server_kind,
+                now.isoformat(),
+                str(Path(tmp) / f"{kind}.sqlite"),
+                clients if kind == "imid-auth" else None,
+            )
             try:
-                payload = request_bytes(port, body, None)
+                aud = f"http://127.0.0.1:{port}{PATH}"
+
+                def payloads(count: int, port: int = port, aud: str = aud, kind: str = kind) -> list[bytes]:
+                    if kind != "imid-auth":
+                        return [request_bytes(port, body, None)] * count
+                    # one fresh token (unique jti) per request, signed before the clock starts
+                    return [request_bytes(port, body, sign(key, aud=aud, lifetime_s=240)) for _ in range(count)]
+
                 check = b'{"cards":[]}'
-                asyncio.run(load(port, [payload] * 500, 4, check))  # warm-up
+                asyncio.run(load(port, payloads(500), 4, check))  # warm-up
                 for conc in (1, 10):
-                    rows.append((kind, conc, asyncio.run(load(port, [payload] * n, conc, check))))
+                    rows.append((kind, conc, asyncio.run(load(port, payloads(n), conc, check))))
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -190,7 +205,9 @@ def main() -> int:
     bare = {c: r for k, c, r in rows if k == "bare"}
     out.write(f"  {'server':<22}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'vs bare':>9}\n")
     for kind, conc, r in rows:
-        label = "bare FastAPI endpoint" if kind == "bare" else "imid-rems (auth off)"
+        label = {"bare": "bare FastAPI endpoint", "imid": "imid-rems (auth off)", "imid-auth": "imid-rems (ES384 JWT)"}[
+            kind
+        ]
         ratio = r.rps / bare[conc].rps
         out.write(f"  {label:<22}{conc:>5}{r.pct(0.5):>9.2f}{r.pct(0.99):>9.2f}{r.rps:>9.0f}{ratio:>8.0%}\n")
     out.write(json.dumps({f"{k}-c{c}": {"p50": r.pct(0.5), "p99": r.pct(0.99), "rps": r.rps} for k, c, r in rows}))
