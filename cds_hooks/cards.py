@@ -278,12 +278,12 @@ def _status_severity(s: RemsStatus) -> Severity:
 def _status_detail(s: RemsStatus) -> str:
     cat = CATEGORY_DISPLAY[s.risk_category] if s.risk_category else "unknown"
     source = {
-        CategorySource.ORDER: "documented on the order",
-        CategorySource.SUGGESTED: "suggested from the chart, not on the order",
-        CategorySource.UNKNOWN: "not documented and not settled by the chart",
+        CategorySource.ORDER: "documented",
+        CategorySource.SUGGESTED: "suggested by the chart, not on the order",
+        CategorySource.UNKNOWN: "not documented, not settled by the chart",
     }[s.category_source]
     rows = [
-        ("Risk category", f"{cat} ({source}; {s.category_basis})"),
+        ("Risk category", f"{cat} ({source}: {s.category_basis})"),
         ("Authorization number", s.authorization_number or "not on the current order"),
     ]
     if s.pregnancy_tests_required:

@@ -221,7 +221,7 @@ def _refill_cards(
             continue
         category = order.risk_category or _suggested(case, config, order)
         drafted = draft_refill(
-            order, raw, ctx, category=category, authored_on=authored, max_days=config.rems.max_supply_days
+            order, raw, ctx, category=category, authored_on=authored, max_days=min(config.rems.max_supply_days, 28)
         )
         probe = {**drafted.resource, "id": f"imid-rems-drafted-{i}"}
         drafted_case = build_case(

@@ -137,20 +137,35 @@ class RemsStatus:
         return self.authorization_number is not None
 
 
+RECENT_THERAPY_DAYS = 28
+"""A drug with no active order still gets a status when its newest *completed* order's supply ran out
+less than this many days ago: many EHRs mark a prescription completed once it is dispensed, and the
+patient is then still on the drug (or between cycles, awaiting the renewal) — exactly when the status
+matters."""
+
+
 def rems_status(case: Case, config: Config | None = None) -> tuple[RemsStatus, ...]:
-    """One `RemsStatus` per IMiD with an active order in the case's chart, in `Drug` order; empty when
-    the patient has no active IMiD order."""
+    """One `RemsStatus` per IMiD the patient is on, in `Drug` order: a drug with an active order, or
+    with a completed order whose supply ran out less than `RECENT_THERAPY_DAYS` ago. Empty otherwise."""
     cfg = config or default_config()
     by_drug: dict[Drug, list[ImidOrder]] = {}
+    completed: dict[Drug, list[ImidOrder]] = {}
     for order in case.chart.imid_orders:
         if order.status == "active":
             by_drug.setdefault(order.drug, []).append(order)
+        elif order.status == "completed":
+            completed.setdefault(order.drug, []).append(order)
     out: list[RemsStatus] = []
     for drug in Drug:
         orders = by_drug.get(drug)
         if orders:
             orders.sort(key=lambda o: _order_key(o, case), reverse=True)
             out.append(_status(case, cfg, orders[0], tuple(o.reference for o in orders[1:])))
+        elif completed.get(drug):
+            newest = max(completed[drug], key=lambda o: _order_key(o, case))
+            status = _status(case, cfg, newest, ())
+            if status.runs_out is not None and (status.runs_out - status.today).days > -RECENT_THERAPY_DAYS:
+                out.append(status)
     return tuple(out)
 
 

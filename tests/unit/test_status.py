@@ -477,3 +477,27 @@ def test_unreadable_data_is_listed_not_dropped() -> None:
 def test_unreadable_results_older_than_the_negative_are_not_problems() -> None:
     s = one(frp_case(unreadable_test(days_before(6)), negative_test(days_before(2))))
     assert s.problems == ()
+
+
+@pytest.mark.parametrize(
+    ("filled_days_ago", "shown"),
+    [
+        pytest.param(20, True, id="completed-order-8-days-left"),
+        pytest.param(28 + 27, True, id="ran-out-27-days-ago-still-recent"),
+        pytest.param(28 + 28, False, id="ran-out-28-days-ago-no-longer-on-it"),
+    ],
+)
+def test_completed_order_with_a_recent_supply_still_gives_a_status(filled_days_ago: int, shown: bool) -> None:
+    """Many EHRs mark a prescription completed once dispensed: the patient is still on the drug until the
+    supply runs out, and for RECENT_THERAPY_DAYS after (awaiting the renewal)."""
+    done = active_order(status="completed", reference="MedicationRequest/done", authored=days_before(filled_days_ago))
+    c = case(
+        adult_male(),
+        imid_orders=(done,),
+        dispenses=(dispense(days_before(filled_days_ago), prescription="MedicationRequest/done"),),
+    )
+    statuses = rems_status(c)
+    assert bool(statuses) is shown
+    if shown:
+        assert statuses[0].order == "MedicationRequest/done"
+        assert statuses[0].days_left == max(0, 28 - filled_days_ago)
