@@ -247,14 +247,15 @@ def reproductive_status(v: OrderView) -> Iterable[Finding]:
 
 
 def _positive(v: OrderView) -> Finding | None:
-    """Newest test positive, or a 'pregnant' status not followed by a negative test."""
+    """Newest readable test positive, or a 'pregnant' status not followed by a negative test. A test we
+    could not read after a positive one does not clear it (data we could not read is never a pass)."""
     zone = v.case.clinic_zone
     could_be_pregnant = v.case.patient.sex is not Sex.MALE or (
         v.order.risk_category is not None and v.order.risk_category.is_female
     )
     if not could_be_pregnant:
         return None
-    newest = v.tests[-1] if v.tests else None
+    newest = next((t for t in reversed(v.tests) if t.result is not TestResult.UNREADABLE), None)
     last_negative = next((t for t in reversed(v.tests) if t.result is TestResult.NEGATIVE), None)
     if newest is not None and newest.result is TestResult.POSITIVE:
         return _finding(

@@ -588,3 +588,11 @@ def test_undated_pregnancy_test_is_a_warning_not_a_pass() -> None:
     found = only(run(undated), RuleCode.PREGNANCY_TEST_MISSING)
     assert found.severity is Severity.WARNING
     assert found.evidence[0].description.startswith("Observation/hcg-9")
+
+
+def test_unreadable_test_after_a_positive_does_not_clear_it() -> None:
+    """Negative, then positive, then a result nobody could read: still contraindicated."""
+    c = continuing(
+        negative_test(days_before(9)), positive_test(days_before(4)), unreadable_test(days_before(1), "see comment")
+    )
+    assert (RC.PREGNANCY_TEST_POSITIVE, CRIT) in pregnancy_findings(c)
