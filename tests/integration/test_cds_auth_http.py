@@ -263,3 +263,46 @@ def test_two_instances_refuse_a_token_replayed_across_them(
         second = sign(default_keys()[1], aud=PUBLIC + SIGN_PATH)
         assert call(http, b, SIGN_PATH, bearer(second)).status_code == 200
         assert_401(call(http, a, SIGN_PATH, bearer(second)), "already used: replay refused")
+
+
+# --- browsers: CORS works with authentication on ------------------------------------------------------------
+
+
+def test_cors_preflight_needs_no_token_and_a_401_is_readable(http: httpx.Client, server: CdsServer) -> None:
+    origin = {"Origin": "https://ehr.example.org"}
+    preflight = http.options(
+        server.url(SIGN_PATH),
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200, preflight.text
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    refused = http.post(server.url(SIGN_PATH), json=scenario(SCENARIO).request, headers=origin)
+    assert_401(refused, "no Authorization header")
+    assert refused.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+
+
+# --- the audience is ours, not the caller's to choose -------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: without public_base_url, app.authenticate takes the audience from request.url, i.e. from the "
+    "Host header the caller sends: a token an EHR minted for another CDS service "
+    "(aud http://other-cds.example.org/cds-services/imid-rems-order-sign) is accepted by sending "
+    "'Host: other-cds.example.org' to this service, which defeats the aud check",
+)
+def test_the_host_header_cannot_choose_the_audience(http: httpx.Client, server: CdsServer) -> None:
+    other = "http://other-cds.example.org"
+    token = sign(ec(), aud=other + SIGN_PATH)
+    response = http.post(
+        server.url(SIGN_PATH),
+        json=scenario(SCENARIO).request,
+        headers={**bearer(token), "Host": "other-cds.example.org"},
+    )
+    # 401 (aud is not this endpoint) or a refusal of the unknown Host; never the hook's answer.
+    assert response.status_code in (400, 401, 421), response.text
+    assert "cards" not in response.json()

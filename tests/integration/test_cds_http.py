@@ -610,6 +610,106 @@ def test_null_prefetch_means_no_data_not_412(client: httpx.Client, server: CdsSe
     assert "initiation-tests-incomplete" in rule_codes(result)
 
 
+def medication_by_reference_not_sent(fhir_server: str) -> tuple[Scenario, dict[str, Any]]:
+    """The Cerner-shaped order whose Medication (no display to read) is in neither the prefetch nor the
+    Bundle: the service must read it from `fhir_server`."""
+    sc = scenario("cerner-medication-reference-quantity-only")
+    body = copy.deepcopy(sc.request)
+    meds = body["prefetch"]["medications"]
+    meds["entry"] = [e for e in meds["entry"] if e["resource"]["resourceType"] != "Medication"]
+    body["context"]["draftOrders"]["entry"][0]["resource"]["medicationReference"].pop("display")
+    body["fhirServer"] = fhir_server
+    return sc, body
+
+
+def test_an_unreachable_fhir_server_for_a_medication_read_is_412(client: httpx.Client, server: CdsServer) -> None:
+    sc, body = medication_by_reference_not_sent(f"http://127.0.0.1:{free_port()}/fhir")
+    server.clock.now = sc.now
+    assert_error(post(client, server, SIGN, body), 412, "prefetch.medications")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: prefetch.fetch_referenced_medications builds the Medication URL (FhirSource.url -> urljoin) outside "
+    "any error handling and gathers without return_exceptions, so a malformed fhirServer such as 'http://[::1/fhir' "
+    "raises ValueError('Invalid IPv6 URL') and the hook answers 500 'internal error' instead of a 400/412",
+)
+def test_a_malformed_fhir_server_url_is_never_500(client: httpx.Client, server: CdsServer) -> None:
+    sc, body = medication_by_reference_not_sent("http://[::1/fhir")
+    server.clock.now = sc.now
+    response = post(client, server, SIGN, body)
+    assert response.status_code in (400, 412), response.text
+    assert response.json()["error"]["field"] in ("fhirServer", "prefetch.medications")
+
+
+def test_a_malformed_fhir_server_url_without_prefetch_is_412(client: httpx.Client, server: CdsServer) -> None:
+    sc = scenario("frp-test-8-days-stale")
+    server.clock.now = sc.now
+    response = post(client, server, SIGN, without_prefetch(sc.request, "http://[::1/fhir", token=FHIR_TOKEN))
+    assert response.status_code in (400, 412), response.text
+
+
+def malformed_entry_list(body: dict[str, Any]) -> None:
+    body["context"]["draftOrders"]["entry"] = "not a list"
+
+
+def malformed_imid_order(body: dict[str, Any]) -> None:
+    body["context"]["draftOrders"]["entry"][0]["resource"]["authoredOn"] = "yesterday"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: app.run_hook fetches the missing prefetch before the draft orders are validated (validation "
+    "happens in evaluate_request, after fetch_missing; may_skip treats a non-list draftOrders.entry as 'maybe an "
+    "IMiD'), so a malformed draft sent without prefetch is answered 412 prefetch.patient (FHIR server down or no "
+    "fhirServer) instead of the 400/422 naming context.draftOrders.entry... that it gets with a full prefetch",
+)
+@pytest.mark.parametrize(
+    "spoil", [malformed_entry_list, malformed_imid_order], ids=["entry-not-a-list", "bad-authoredOn"]
+)
+def test_a_malformed_draft_is_reported_before_anything_is_fetched(
+    client: httpx.Client, server: CdsServer, spoil: Any
+) -> None:
+    sc = scenario("frp-test-8-days-stale")
+    server.clock.now = sc.now
+    full = copy.deepcopy(sc.request)
+    spoil(full)
+    with_prefetch = post(client, server, SIGN, full)
+    assert with_prefetch.status_code in (400, 422)
+    field = with_prefetch.json()["error"]["field"]
+    assert field.startswith("context.draftOrders.entry")
+    fetching = without_prefetch(sc.request, f"http://127.0.0.1:{free_port()}/fhir", token=FHIR_TOKEN)
+    spoil(fetching)
+    assert_error(post(client, server, SIGN, fetching), with_prefetch.status_code, field)
+
+
+def order_select(selection: str) -> tuple[Scenario, dict[str, Any]]:
+    sc = scenario("frp-test-8-days-stale")
+    body = copy.deepcopy(sc.request)
+    body["hook"] = "order-select"
+    body["context"]["selections"] = [selection]
+    return sc, body
+
+
+def test_order_select_judges_the_selected_draft(client: httpx.Client, server: CdsServer) -> None:
+    [entry] = scenario("frp-test-8-days-stale").request["context"]["draftOrders"]["entry"]
+    sc, body = order_select(f"MedicationRequest/{entry['resource']['id']}")
+    assert rule_codes(answer(client, server, sc, body)) == sc.codes == ["pregnancy-test-stale"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: order-select selections are never checked against context.draftOrders (service.evaluate_request "
+    "passes them to the engine as `only`), so a selection that names no draft order (a typo, a bare id instead of "
+    "MedicationRequest/id) silently judges nothing and answers {'cards': []} instead of a 400 naming "
+    "context.selections[0]",
+)
+def test_order_select_with_a_selection_not_in_draft_orders_is_400(client: httpx.Client, server: CdsServer) -> None:
+    sc, body = order_select("MedicationRequest/not-in-draft-orders")
+    server.clock.now = sc.now
+    assert_error(post(client, server, "/cds-services/imid-rems-order-select", body), 400, "context.selections[0]")
+
+
 # --- feedback --------------------------------------------------------------------------------------------
 
 
