@@ -152,7 +152,7 @@ def code(o: Json, key: str, path: str, *, required: bool = False) -> str | None:
         if required:
             missing(at(path, key), CODE)
         return None
-    if is_code(v):
+    if type(v) is str and (v in _VALID_CODES or is_code(v)):
         return v
     invalid(at(path, key), CODE, v)
 
@@ -263,6 +263,12 @@ def date_time(o: Json, key: str, path: str, *, required: bool = False) -> dateti
         if required:
             missing(at(path, key), DATE_TIME)
         return None
+    # The common full time, inline (`_fast_moment`); anything else, or a ValueError, through `_moment`.
+    if type(v) is str and len(v) >= 20 and _FAST_TIME.fullmatch(v) is not None:
+        try:
+            return datetime.fromisoformat(v)
+        except ValueError:
+            pass
     return _moment(v, _DATE_TIME, path, key, DATE_TIME, True, True)
 
 
@@ -353,17 +359,23 @@ def quantity(o: Json, key: str, path: str) -> Quantity | None:
         return None
     if type(q) is not dict:
         invalid(at(path, key), OBJECT, q)
-    value = q.get("value")
-    if value is not None:
-        value = to_decimal(value)
-        if value is None:
-            invalid(f"{path}.{key}.value", DECIMAL, q["value"])
+    raw = q.get("value")
+    value: Decimal | None = None
+    if raw is not None:
+        t = type(raw)
+        if t is int:
+            value = Decimal(raw)
+        elif t is float and math.isfinite(raw):
+            value = Decimal(str(raw))
+        else:
+            invalid(f"{path}.{key}.value", DECIMAL, raw)
     comparator, unit, code_ = q.get("comparator"), q.get("unit"), q.get("code")
-    if comparator is not None and not is_code(comparator):
+    valid = _VALID_CODES
+    if comparator is not None and not (type(comparator) is str and (comparator in valid or is_code(comparator))):
         invalid(f"{path}.{key}.comparator", CODE, comparator)
     if unit is not None and not (type(unit) is str and unit):
         invalid(f"{path}.{key}.unit", STRING, unit)
-    if code_ is not None and not is_code(code_):
+    if code_ is not None and not (type(code_) is str and (code_ in valid or is_code(code_))):
         invalid(f"{path}.{key}.code", CODE, code_)
     return Quantity(value, comparator, unit, code_)
 
@@ -447,17 +459,19 @@ def _concept(v: Any, path: str, key: str, index: int | None = None) -> Concept:
     if type(raw) is not list:
         invalid(at(path, key, index) + ".coding", ARRAY, raw)
     out: list[Coding] = []
-    for i, c in enumerate(raw):
+    valid = _VALID_CODES
+    for c in raw:
         if type(c) is dict:
             system, value, display = c.get("system"), c.get("code"), c.get("display")
             if (
                 (system is None or (type(system) is str and system))
-                and (value is None or is_code(value))
+                and (value is None or (type(value) is str and (value in valid or is_code(value))))
                 and (display is None or (type(display) is str and display))
             ):
                 out.append((system, value, display))
                 continue
-        _coding(c, f"{at(path, key, index)}.coding[{i}]")  # raises, naming the bad part
+        # raises, naming the bad part (every coding before it was good and is in `out`)
+        _coding(c, f"{at(path, key, index)}.coding[{len(out)}]")
     return Concept(tuple(out), text)
 
 

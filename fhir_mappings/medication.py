@@ -313,8 +313,29 @@ def check_order(mr: Json, path: str) -> None:
     read_order(mr, path)
 
 
+_IDENTITIES: dict[tuple[object, ...], tuple[Codes, MedicationIdentity | None]] = {}
+"""`identify_imid` by what it reads (codings, text, fallback): a chart names the same few products over
+and over (every order and dispense of a course). Bounded: cleared when full."""
+_CACHE_MAX = 4096
+
+
 def identify_imid(concept_: Concept | None, codes: Codes, fallback_text: str = "") -> MedicationIdentity | None:
     """Which IMiD a medication concept names: RxNorm codes first, then text."""
+    if concept_ is None:
+        key: tuple[object, ...] = (id(codes), None, None, fallback_text)
+    else:
+        key = (id(codes), concept_.codings, concept_.text, fallback_text)
+    hit = _IDENTITIES.get(key)
+    if hit is not None and hit[0] is codes:
+        return hit[1]
+    found = _identify(concept_, codes, fallback_text)
+    if len(_IDENTITIES) >= _CACHE_MAX:
+        _IDENTITIES.clear()
+    _IDENTITIES[key] = (codes, found)
+    return found
+
+
+def _identify(concept_: Concept | None, codes: Codes, fallback_text: str) -> MedicationIdentity | None:
     text = concept_text(concept_) or fallback_text
     low = text.lower()
     rx = codes_in(concept_, codes.rxnorm)

@@ -10,7 +10,6 @@ pass.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from functools import cache
@@ -31,7 +30,7 @@ from fhir_mappings.access import (
     string,
 )
 from fhir_mappings.codes import Codes
-from fhir_mappings.common import ChartCondition, as_date, codes_in, codings, concept_text, ref
+from fhir_mappings.common import ChartCondition, as_date, codes_in, concept_text, ref
 from rems.config import RemsRules
 from rems.model import (
     LabKind,
@@ -70,23 +69,45 @@ _PERFORMED = frozenset({"performedDateTime", "performedPeriod", "performedString
 _ONSET = frozenset({"onsetDateTime", "onsetAge", "onsetPeriod", "onsetRange", "onsetString"})
 
 
-@dataclass(slots=True)
 class ChartObservation:
     """An Observation as first read: status and code (what decides whether any rule uses it). Its value
     and times are read, and checked, only by the mapping that uses this kind of Observation."""
 
-    raw: Json
-    path: str
-    ref: str
-    status: str
-    code: Concept
-    loinc: set[str]
+    __slots__ = ("_ref", "_value", "code", "loinc", "path", "raw", "status")
+
+    def __init__(self, raw: Json, path: str, status: str, code: Concept, loinc: set[str]) -> None:
+        self.raw = raw
+        self.path = path
+        self.status = status
+        self.code = code
+        self.loinc = loinc
+        self._ref: str | None = None
+        self._value: str | bool | None = False  # False: value[x] not looked at yet
+
+    @property
+    def ref(self) -> str:
+        """``Observation/id`` (formatted when first asked for: most Observations are never cited)."""
+        r = self._ref
+        if r is None:
+            r = self._ref = ref(self.raw)
+        return r
+
+    def value_name(self) -> str | None:
+        """Which `value[x]` is present (`access.choice`: two of them is a 422), looked at once."""
+        v = self._value
+        if v is False:
+            v = self._value = choice(self.raw, self.path, OBSERVATION_VALUES)
+        return v  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"ChartObservation({self.path!r}, {self.status!r}, {self.code!r})"
 
 
 def read_observation(raw: Json, path: str, codes: Codes) -> ChartObservation:
     status = code(raw, "status", path, required=True)
     obs_code = concept(raw, "code", path, required=True)
-    return ChartObservation(raw, path, ref(raw), status, obs_code, obs_code.codes(codes.loinc))
+    system = codes.loinc
+    return ChartObservation(raw, path, status, obs_code, {c for s, c, _ in obs_code.codings if s == system and c})
 
 
 def _norm(text: str) -> str:
@@ -109,7 +130,15 @@ def collection_time(obs: ChartObservation) -> tuple[datetime | date | None, str]
     """Specimen collection time: effectiveDateTime, else effectivePeriod.start, else effectiveInstant,
     else issued."""
     raw, path = obs.raw, obs.path
-    which = choice(raw, path, _EFFECTIVE)
+    if (  # the common case, quickly; anything else through `choice`
+        "effectiveDateTime" in raw
+        and "effectivePeriod" not in raw
+        and "effectiveInstant" not in raw
+        and "effectiveTiming" not in raw
+    ):
+        which: str | None = "effectiveDateTime" if raw["effectiveDateTime"] is not None else None
+    else:
+        which = choice(raw, path, _EFFECTIVE)
     if which == "effectiveDateTime":
         return date_time(raw, which, path), which
     if which == "effectivePeriod":
@@ -177,19 +206,20 @@ def pregnancy_result(obs: ChartObservation, codes: Codes, rules: RemsRules) -> t
     raw, path = obs.raw, obs.path
     signals: list[TestResult] = []
     shown: list[str] = []
-    which = choice(raw, path, OBSERVATION_VALUES)
+    which = obs.value_name()
     if which == "valueCodeableConcept":
         value = concept(raw, which, path, required=True)
         found = value.all_codes()
-        if found & codes.preg_negative_codes:
+        label = value.label()
+        if not found.isdisjoint(codes.preg_negative_codes):
             signals.append(TestResult.NEGATIVE)
-        elif found & codes.preg_positive_codes:
+        elif not found.isdisjoint(codes.preg_positive_codes):
             signals.append(TestResult.POSITIVE)
         else:
-            sig = _text_signal(value.label(), codes)
+            sig = _text_signal(label, codes)
             if sig:
                 signals.append(sig)
-        shown.append(value.label() or ",".join(sorted(found)))
+        shown.append(label or ",".join(sorted(found)))
     elif which == "valueString":
         text = string(raw, which, path, required=True)
         shown.append(text)
@@ -203,21 +233,30 @@ def pregnancy_result(obs: ChartObservation, codes: Codes, rules: RemsRules) -> t
             sig = _quantity_signal(obs, q, rules)
             if sig:
                 signals.append(sig)
-    interp = {c for _, c, _ in codings(concepts(raw, "interpretation", path)) if c is not None}
-    if obs.loinc & codes.preg_quantitative:
-        interp -= {"N"}  # "normal" says negative only for a qualitative test (DECISIONS.md)
-    if interp & codes.preg_negative_interp:
-        signals.append(TestResult.NEGATIVE)
-        shown.append("interpretation " + ",".join(sorted(interp)))
-    elif interp & codes.preg_positive_interp:
-        signals.append(TestResult.POSITIVE)
-        shown.append("interpretation " + ",".join(sorted(interp)))
-    text = "; ".join(s for s in shown if s)
+    interp: set[str] = set()
+    for c in concepts(raw, "interpretation", path):
+        for _, code_, _ in c.codings:
+            if code_ is not None:
+                interp.add(code_)
+    if interp:
+        if not obs.loinc.isdisjoint(codes.preg_quantitative):
+            interp.discard("N")  # "normal" says negative only for a qualitative test (DECISIONS.md)
+        if not interp.isdisjoint(codes.preg_negative_interp):
+            signals.append(TestResult.NEGATIVE)
+            shown.append("interpretation " + ",".join(sorted(interp)))
+        elif not interp.isdisjoint(codes.preg_positive_interp):
+            signals.append(TestResult.POSITIVE)
+            shown.append("interpretation " + ",".join(sorted(interp)))
+    text = "; ".join([s for s in shown if s])
     if not text:
         absent = concept(raw, "dataAbsentReason", path)
         text = "data absent: " + concept_text(absent) if absent is not None else "no value"
-    if signals and all(s is signals[0] for s in signals):
-        return signals[0], text
+    if signals:
+        first = signals[0]
+        for s in signals:
+            if s is not first:
+                return TestResult.UNREADABLE, text
+        return first, text
     return TestResult.UNREADABLE, text
 
 
@@ -234,7 +273,8 @@ def pregnancy_tests(
             unreadable.append(f"{obs.ref}: pregnancy test without a usable collection date")
             continue
         result, text = pregnancy_result(obs, codes, rules)
-        code_ = next(iter(sorted(obs.loinc)), None) or obs.code.label()
+        loinc = obs.loinc
+        code_ = (min(loinc) if loinc else None) or obs.code.label()
         tests.append(PregnancyTest(obs.ref, when, source, result, text, code_, obs.status == "preliminary"))
     return tests, unreadable
 
@@ -247,7 +287,7 @@ def pregnancy_statuses(observations: list[ChartObservation], codes: Codes) -> li
         when, _ = collection_time(obs)
         if when is None:
             continue
-        which = choice(obs.raw, obs.path, OBSERVATION_VALUES)
+        which = obs.value_name()
         value = concept(obs.raw, "valueCodeableConcept", obs.path) if which == "valueCodeableConcept" else None
         found = {c for _, c, _ in value.codings} if value is not None else set()
         text = value.label().lower() if value is not None else ""
@@ -294,9 +334,21 @@ _CREAT_TO_MG_DL = {
 _LAB_UNITS = {LabKind.WEIGHT: _MASS_TO_KG, LabKind.CREATININE: _CREAT_TO_MG_DL}
 
 
+_LAB_FACTORS: dict[tuple[LabKind, str], Decimal | None] = {}
+"""`_lab_factor` by (kind, unit as written): few distinct units, so bounded in practice (and capped)."""
+
+
 def _lab_factor(kind: LabKind, unit: str) -> Decimal | None:
+    key = (kind, unit)
+    try:
+        return _LAB_FACTORS[key]
+    except KeyError:
+        pass
     u = unit.replace("[", "").replace("]", "").replace(" ", "").lower()
-    return _LAB_UNITS.get(kind, _COUNT_TO_E9).get(u)
+    factor = _LAB_UNITS.get(kind, _COUNT_TO_E9).get(u)
+    if len(_LAB_FACTORS) < 1024:
+        _LAB_FACTORS[key] = factor
+    return factor
 
 
 def labs(observations: list[ChartObservation], codes: Codes) -> tuple[list[LabValue], list[str]]:
@@ -313,7 +365,7 @@ def labs(observations: list[ChartObservation], codes: Codes) -> tuple[list[LabVa
         else:
             continue
         when, _ = collection_time(obs)
-        which = choice(obs.raw, obs.path, OBSERVATION_VALUES)
+        which = obs.value_name()
         q = quantity(obs.raw, "valueQuantity", obs.path) if which == "valueQuantity" else None
         value = q.value if q is not None else None
         if when is None or q is None or value is None:
@@ -385,7 +437,7 @@ def nrp_evidence(
         for obs in observations:
             if obs.status in DROPPED_STATUSES or codes.age_at_menopause not in obs.loinc:
                 continue
-            which = choice(obs.raw, obs.path, OBSERVATION_VALUES)
+            which = obs.value_name()
             q = quantity(obs.raw, "valueQuantity", obs.path) if which == "valueQuantity" else None
             years = q.value if q is not None else None
             if years is None or not 0 < years < 100:
@@ -411,7 +463,7 @@ def regular_cycles(observations: list[ChartObservation], conditions: list[ChartC
     for obs in observations:
         if obs.code.all_codes() & codes.regular_cycles:
             return True
-        if choice(obs.raw, obs.path, OBSERVATION_VALUES) == "valueCodeableConcept":
+        if obs.value_name() == "valueCodeableConcept":
             value = concept(obs.raw, "valueCodeableConcept", obs.path)
             if value is not None and value.all_codes() & codes.regular_cycles:
                 return True
