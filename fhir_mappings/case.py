@@ -125,7 +125,7 @@ def build_case(
         except med.UnresolvedMedication as exc:
             unreadable_orders.append(f"{ref(mr)}: medication {exc.reference!r} not available")
             continue
-        order = med.imid_order(mr, path, chart, codes, zone, adult, medication)
+        order = med.chart_imid_order(mr, path, chart, codes, zone, adult, medication, status)
         if order is not None:
             chart_orders.append(order)
         elif status in ANTITHROMBOTIC_STATUSES:

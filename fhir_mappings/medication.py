@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 from decimal import ROUND_CEILING, Decimal
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fhir_mappings.access import (
     Coding,
@@ -51,6 +51,8 @@ from rems.model import (
     SupplyDays,
 )
 from rems.timing import local_day
+
+_new = object.__new__
 
 BASE = "https://imid-rems.github.io/fhir"
 AUTHORIZATION_SYSTEM = f"{BASE}/sid/rems-authorization"
@@ -589,6 +591,12 @@ def imid_order(
     ident = identify_imid(concept_, codes, fallback)
     if ident is None:
         return None
+    return _imid_order(mr, path, index, codes, zone, adult, ident)
+
+
+def _imid_order(
+    mr: Json, path: str, index: ResourceIndex, codes: Codes, zone: tzinfo, adult: bool | None, ident: MedicationIdentity
+) -> ImidOrder:
     order = read_order(mr, path)
     text = _instruction_text(order)
     dose = _dose(order, ident.strength_mg, text)
@@ -660,3 +668,102 @@ def imid_dispense(md: Json, path: str, index: ResourceIndex, codes: Codes) -> Di
         days_supply=days,
         prescription=next(iter(prescriptions), None),
     )
+
+
+_LAZY_FIELDS = (
+    "supply",
+    "supply_problem",
+    "refills",
+    "dose",
+    "authorization_number",
+    "authorization_source",
+    "risk_category",
+    "risk_category_source",
+    "risk_category_unrecognized",
+    "indications",
+    "maintenance",
+    "requester",
+    "prior_prescription",
+)
+"""What a chart order is asked for only when a rule judges it as the current order (patient-view status)
+or leans on its supply (an order in effect with no dispense on file)."""
+_ORDER_FIELDS = tuple(ImidOrder.__dataclass_fields__)
+
+
+class ChartImidOrder(ImidOrder):
+    """An IMiD order from the chart (not one under review), read in two steps.
+
+    At once: what every rule reads of a chart order (reference, drug and medication, status,
+    authoredOn, start), each checked as `imid_order` checks it. The rest (`_LAZY_FIELDS`: supply,
+    dose, refills, authorization, risk category, indications...) is read whole by `imid_order`, and so
+    checked, the first time any of it is asked for; a malformed field raises `InvalidInput` then. Most
+    chart orders are history (dispensed, completed) whose dose and authorization no rule reads.
+
+    Equal to, hashed and shown as the `ImidOrder` with the same fields."""
+
+    _pending: tuple[Any, ...] | None
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for an attribute not set yet: a lazy field before the second read.
+        pending = self.__dict__.get("_pending")
+        if pending is None or name not in _LAZY_FIELDS:
+            raise AttributeError(name)
+        full = _imid_order(*pending)
+        fields = self.__dict__
+        for f in _LAZY_FIELDS:
+            fields[f] = getattr(full, f)
+        fields["_pending"] = None
+        return fields[name]
+
+    def whole(self) -> ImidOrder:
+        """The plain `ImidOrder` (every field read)."""
+        return ImidOrder(**{f: getattr(self, f) for f in _ORDER_FIELDS})
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ImidOrder):
+            return tuple(getattr(self, f) for f in _ORDER_FIELDS) == tuple(getattr(other, f) for f in _ORDER_FIELDS)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.whole())
+
+    def __repr__(self) -> str:
+        return repr(self.whole())
+
+
+def chart_imid_order(
+    mr: Json,
+    path: str,
+    index: ResourceIndex,
+    codes: Codes,
+    zone: tzinfo,
+    adult: bool | None,
+    medication: MedicationRead,
+    status: str,
+) -> ImidOrder | None:
+    """`imid_order` for an order in the chart: a `ChartImidOrder`, whose fields beyond what every rule
+    reads are read when first asked for. `status` is the order's status, already read."""
+    concept_, fallback = medication
+    ident = identify_imid(concept_, codes, fallback)
+    if ident is None:
+        return None
+    dispense = obj(mr, "dispenseRequest", path)
+    validity = obj(dispense, "validityPeriod", f"{path}.dispenseRequest") if dispense is not None else None
+    authored_on = date_time(mr, "authoredOn", path)
+    validity_start = (
+        date_time(validity, "start", f"{path}.dispenseRequest.validityPeriod") if validity is not None else None
+    )
+    start_m = validity_start or authored_on
+    order = _new(ChartImidOrder)
+    order.__dict__.update(
+        reference=ref(mr),
+        drug=ident.drug,
+        medication_text=ident.text,
+        brand=ident.brand,
+        strength_mg=ident.strength_mg,
+        status=status,
+        authored_on=authored_on,
+        start=local_day(start_m, zone) if start_m is not None else None,
+        _pending=(mr, path, index, codes, zone, adult, ident),
+    )
+    return order

@@ -8,6 +8,7 @@ the mapping entry points."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -19,8 +20,9 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from cds_hooks.service import evaluate_request, parse_request
-from fhir_mappings import InvalidInput, parse_resource
+from fhir_mappings import InvalidInput, ResourceIndex, parse_resource
 from fhir_mappings.codes import default_codes
+from fhir_mappings.medication import ChartImidOrder, chart_imid_order, imid_order, medication_of
 from fhir_mappings.observations import labs, pregnancy_tests
 from fhir_mappings.patient import patient_facts
 from fhir_mappings.r4_types import (
@@ -32,6 +34,7 @@ from fhir_mappings.r4_types import (
     SUBJECT_REFERENCE_TYPES,
 )
 from rems.config import default_config
+from rems.model import ImidOrder
 
 from .fhir_json import (
     CHICAGO,
@@ -484,6 +487,69 @@ def test_a_non_imid_chart_order_is_read_only_as_far_as_its_medication() -> None:
         "dosageInstruction": {"text": "not an array"},
     }
     assert evaluate(request(medications=bundle(metformin))) == evaluate(request())
+
+
+def history_order(**fields: Any) -> dict[str, Any]:
+    """Last month's lenalidomide order in the chart: completed, and dispensed (`history_dispense`)."""
+    base: dict[str, Any] = {"status": "completed", "authoredOn": "2025-05-20T09:00:00-05:00"}
+    base.update(fields)
+    return lenalidomide_request("hist-1", **base)
+
+
+def history_dispense() -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationDispense",
+        "id": "disp-1",
+        "status": "completed",
+        "subject": {"reference": f"Patient/{PATIENT_ID}"},
+        "medicationCodeableConcept": rxnorm("602910", "lenalidomide 10 MG Oral Capsule"),
+        "authorizingPrescription": [{"reference": "MedicationRequest/hist-1"}],
+        "daysSupply": {"value": 28, "unit": "day", "code": "d"},
+        "whenHandedOver": "2025-05-21T11:00:00-05:00",
+    }
+
+
+def test_a_dispensed_chart_order_is_read_as_far_as_the_rules_read_it() -> None:
+    """History (a completed IMiD order, dispensed): the rules read its drug, status and dates. Its dosage,
+    authorization and category are read only if a rule asks for them (`medication.ChartImidOrder`)."""
+    base = request(medications=bundle(history_order()), dispenses=bundle(history_dispense()))
+    noisy = request(
+        medications=bundle(history_order(dosageInstruction={"text": "not an array"}, identifier=[{"value": 7}])),
+        dispenses=bundle(history_dispense()),
+    )
+    assert evaluate(noisy) == evaluate(base)
+
+
+def test_the_dates_of_a_chart_order_are_checked_at_once() -> None:
+    err = refused(request(medications=bundle(history_order(authoredOn="2025-02-30T09:00:00-05:00"))))
+    assert (err.path, err.status) == ("prefetch.medications.entry[0].resource.authoredOn", 422)
+    validity = {"validityPeriod": {"start": "2025-05-20T24:00:00-05:00"}}
+    err = refused(request(medications=bundle(history_order(dispenseRequest=validity))))
+    assert err.path == "prefetch.medications.entry[0].resource.dispenseRequest.validityPeriod.start"
+
+
+def test_a_chart_order_whose_supply_counts_is_read_whole() -> None:
+    """An active order with no dispense on file: its supply is the patient's current supply, so the
+    order is read whole, and a malformed dosage is a 422 as in a draft."""
+    raw = request(medications=bundle(history_order(status="active", dosageInstruction={"text": "not an array"})))
+    err = refused(raw)
+    assert (err.path, err.status) == ("prefetch.medications.entry[0].resource.dosageInstruction", 422)
+
+
+@pytest.mark.parametrize("status", ["completed", "active"])
+def test_a_chart_order_read_in_two_steps_equals_the_order_read_at_once(status: str) -> None:
+    raw = parse_resource(
+        history_order(status=status, note=[{"text": "REMS auth # 12345678; risk category: adult female rp"}]), "p"
+    )
+    index = ResourceIndex()
+    eager = imid_order(raw, "p", index, default_codes(), CHICAGO, True)
+    lazy = chart_imid_order(raw, "p", index, default_codes(), CHICAGO, True, medication_of(raw, "p", index), status)
+    assert eager is not None and lazy is not None
+    assert isinstance(lazy, ChartImidOrder) and type(eager) is ImidOrder
+    assert lazy == eager and eager == lazy and hash(lazy) == hash(eager) and repr(lazy) == repr(eager)
+    assert lazy.authorization_number == "12345678"
+    assert dataclasses.astuple(lazy) == dataclasses.astuple(eager)
+    assert dataclasses.replace(lazy, reference="x") == dataclasses.replace(eager, reference="x")
 
 
 def test_a_non_imid_draft_order_is_read_whole() -> None:
