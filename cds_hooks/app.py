@@ -32,8 +32,8 @@ from cds_hooks import auth
 from cds_hooks import feedback as fb
 from cds_hooks.db import make_engine, migrate
 from cds_hooks.models import CdsResponse
-from cds_hooks.prefetch import FhirSource, fetch_missing, fetch_referenced_medications, missing_keys
-from cds_hooks.service import PrefetchMissing, drafts_of, evaluate_request, may_skip, parse_context, parse_request
+from cds_hooks.prefetch import FhirSource, check_fhir_server, fetch_missing, fetch_referenced, missing_keys
+from cds_hooks.service import check_request_drafts, drafts_of, evaluate_request, may_skip, parse_context, parse_request
 from cds_hooks.services import BY_ID, SERVICES, CdsService
 from cds_hooks.settings import Settings, get_settings
 from fhir_mappings import InvalidInput
@@ -80,6 +80,11 @@ class Authenticator:
             raise auth.ClientConfigError(
                 "IMID_REMS_CDS_CLIENTS lists no CDS client: nobody could call the service. Configure one, or "
                 "switch auth off for local development (IMID_REMS_CDS_AUTH=off / --insecure-no-auth)."
+            )
+        if not settings.public_base_url:
+            raise auth.ClientConfigError(
+                "IMID_REMS_PUBLIC_BASE_URL is required when auth is on: the JWT aud is checked against this "
+                "service's own URL, never against the Host header a caller sends."
             )
         self.keys = auth.JwksStore(self.clients, http=http)
         self.replay = auth.ReplayCache(engine)
@@ -167,13 +172,14 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
         max_age=600,
     )
 
+    public_base = (settings.public_base_url or "").rstrip("/")
+
     async def authenticate(request: Request) -> str | None:
         """The calling client's ``iss`` (None when auth is off). Raises InvalidInput(401)."""
         if state.auth is None:
             state.warn_unauthenticated(request.url.path)
             return None
-        base = settings.public_base_url.rstrip("/") if settings.public_base_url else None
-        audience = f"{base}{request.url.path}" if base else str(request.url.replace(query=""))
+        audience = f"{public_base}{request.url.path}"
         iss: str = await state.auth.check(request.headers.get("authorization"), audience)
         return iss
 
@@ -225,32 +231,23 @@ def _service(service_id: str) -> CdsService:
 async def run_hook(state: State, service: CdsService, hook_request: Any) -> CdsResponse:
     """Validate, fetch what is missing (in parallel), evaluate, answer."""
     context = parse_context(hook_request, service.hook)
-    drafts = drafts_of(hook_request, context)
     if may_skip(hook_request, context):
         # Not an IMiD order: validated, answered at once, and the FHIR server is never called.
-        return evaluate_request(
-            hook_request,
-            now=state.now(),
-            zone=state.zone,
-            config=state.config,
-            service=service,
-            smart_launch_url=state.smart,
-        )
+        return _evaluate(state, service, hook_request)
+    drafts, _ = drafts_of(hook_request, context)
     prefetch = dict(hook_request.prefetch or {})
     missing = missing_keys(service.prefetch, prefetch)
-    source: FhirSource | None = None
-    if hook_request.fhirServer and hook_request.fhirAuthorization is not None:
-        source = FhirSource(hook_request.fhirServer, hook_request.fhirAuthorization.access_token)
-    elif hook_request.fhirServer:
-        source = FhirSource(hook_request.fhirServer, None)
-    if missing:
-        if source is None or state.http is None:
-            raise PrefetchMissing(missing[0], f"not prefetched ({', '.join(missing)}) and no fhirServer to fetch from")
-        prefetch.update(await fetch_missing(state.http, source, service.prefetch, missing, hook_request.context))
-    if source is not None and state.http is not None:
-        extra = await fetch_referenced_medications(state.http, source, drafts, prefetch)
+    # CDS Hooks grants FHIR access with fhirServer *and* fhirAuthorization; a bare fhirServer is not
+    # an invitation to query it anonymously.
+    http = state.http
+    if hook_request.fhirServer and hook_request.fhirAuthorization is not None and http is not None:
+        source = FhirSource(check_fhir_server(hook_request.fhirServer), hook_request.fhirAuthorization.access_token)
+        check_request_drafts(hook_request, context)  # a malformed order is 400/422 before anything is fetched
+        if missing:
+            prefetch.update(await fetch_missing(http, source, service.prefetch, missing, hook_request.context))
+        extra = await fetch_referenced(http, source, drafts, prefetch)
         if extra is not None:
-            prefetch["_referencedMedications"] = extra
+            prefetch["_referenced"] = extra
     complete = hook_request.model_copy(update={"prefetch": prefetch})
     return _evaluate(state, service, complete)
 

@@ -32,7 +32,7 @@ MAX_PAGES = 20
 or a server ignoring the query, and we stop rather than hang the prescriber."""
 MAX_ENTRIES = 5000
 MAX_RESPONSE_BYTES = 10_000_000
-MAX_MEDICATION_READS = 20
+MAX_REFERENCE_READS = 20
 
 
 class FetchFailed(InvalidInput):
@@ -82,6 +82,19 @@ def missing_keys(templates: Mapping[str, str], prefetch: Mapping[str, Any] | Non
     """Template keys the client did not send at all (``null`` counts as sent: it means "no data")."""
     sent = prefetch or {}
     return [k for k in templates if k not in sent]
+
+
+def check_fhir_server(url: str) -> str:
+    """``fhirServer`` must be an absolute http(s) URL with a host: anything else is a 400 naming it,
+    before any request is made."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise InvalidInput("fhirServer", f"not a valid URL: {url[:100]!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput("fhirServer", f"expected an absolute http(s) URL, got {url[:100]!r}")
+    return url
 
 
 @dataclass(frozen=True)
@@ -216,17 +229,31 @@ async def fetch_missing(
     return out
 
 
-def _medication_refs(resources: Iterable[Any]) -> set[str]:
+def _relative(target: Any) -> str | None:
+    """``Type/id`` of a literal reference (relative or absolute), or None (contained, logical, junk)."""
+    if not isinstance(target, str) or target.startswith("#"):
+        return None
+    parts = target.rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-2].isalpha() and parts[-1]:
+        return f"{parts[-2]}/{parts[-1]}"
+    return None
+
+
+def _referenced(resources: Iterable[Any]) -> set[str]:
+    """What IMiD-relevant orders and dispenses point to and the rules read: the Medication
+    (``medicationReference``) and ``supportingInformation`` (where some EHRs keep the risk category)."""
     refs: set[str] = set()
     for res in resources:
         if not isinstance(res, dict) or res.get("resourceType") not in ("MedicationRequest", "MedicationDispense"):
             continue
-        ref = res.get("medicationReference")
-        target = ref.get("reference") if isinstance(ref, dict) else None
-        if isinstance(target, str) and not target.startswith("#"):
-            parts = target.rstrip("/").split("/")
-            if len(parts) >= 2 and parts[-2] == "Medication":
-                refs.add(f"Medication/{parts[-1]}")
+        med = res.get("medicationReference")
+        targets = [med.get("reference") if isinstance(med, dict) else None]
+        info = res.get("supportingInformation")
+        if isinstance(info, list):
+            targets.extend(i.get("reference") for i in info if isinstance(i, dict))
+        refs.update(r for r in map(_relative, targets) if r is not None)
     return refs
 
 
@@ -240,18 +267,22 @@ def _present(values: Iterable[Any]) -> Iterable[Any]:
             yield value
 
 
-async def fetch_referenced_medications(
+async def fetch_referenced(
     client: httpx.AsyncClient, source: FhirSource, drafts: Any, prefetch: Mapping[str, Any]
 ) -> dict[str, Any] | None:
-    """Medications that orders point to (``medicationReference``) but nobody sent: read them, so an
-    Epic-style order (always by reference) can be recognised as an IMiD. None when nothing is missing."""
+    """Resources that orders point to but nobody sent (prefetch templates cannot ``_include``): read
+    them, in parallel, so an Epic-style order (medication by reference) is recognised and a category kept
+    in ``supportingInformation`` is seen. None when nothing is missing."""
     resources = list(_present([drafts, *prefetch.values()]))
-    have = {
-        f"Medication/{r.get('id')}" for r in resources if isinstance(r, dict) and r.get("resourceType") == "Medication"
-    }
-    wanted = sorted(_medication_refs(resources) - have)[:MAX_MEDICATION_READS]
+    have = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources if isinstance(r, dict)}
+    wanted = sorted(_referenced(resources) - have)[:MAX_REFERENCE_READS]
     if not wanted:
         return None
-    found = await asyncio.gather(*(_get_json(client, source, source.url(ref), "medications") for ref in wanted))
-    entries = [{"resource": r} for r in found if isinstance(r, dict) and r.get("resourceType") == "Medication"]
+    found = await asyncio.gather(
+        *(
+            _get_json(client, source, source.url(ref), "medications" if ref.startswith("Medication/") else "referenced")
+            for ref in wanted
+        )
+    )
+    entries = [{"resource": r} for r in found if isinstance(r, dict) and r.get("resourceType") != "OperationOutcome"]
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}

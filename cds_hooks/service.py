@@ -97,6 +97,18 @@ def drafts_of(request: HookRequest, context: BaseModel) -> tuple[dict[str, Any] 
     return None, ""
 
 
+def check_request_drafts(request: HookRequest, context: BaseModel) -> None:
+    """Validate the orders under review before any data is fetched for them: a malformed request is a
+    400/422 naming the field whether or not the chart was prefetched."""
+    drafts_raw, drafts_path = drafts_of(request, context)
+    if drafts_raw is None:
+        return
+    if not isinstance(drafts_raw.get("entry", []), list):
+        raise InvalidInput(f"{drafts_path}.entry", "expected a list")
+    allowed = ("MedicationRequest", "Medication") if request.hook == "medication-refill" else None
+    check_drafts(parse_bundle_entries(drafts_raw, drafts_path, allowed))
+
+
 def may_skip(request: HookRequest, context: BaseModel) -> bool:
     """True when no draft can be an IMiD: the answer is ``{"cards": []}`` (after the drafts are
     validated) and no chart data is needed — nothing is fetched."""
@@ -133,7 +145,7 @@ def evaluate_request(
     required: tuple[str, ...] = ()
     if service is not None:
         expected_hook = service.hook
-        required = service.prefetch_keys
+        required = service.required_keys
     context = parse_context(request, expected_hook)
     service = service or BY_HOOK[request.hook]
     patient_id: str = context.patientId  # type: ignore[attr-defined]
@@ -154,6 +166,7 @@ def evaluate_request(
     prefetch = dict(request.prefetch or {})
     absent = [k for k in required if k not in prefetch]
     if absent:
+        check_drafts(drafts)  # a malformed order is 400/422 naming it, whatever else is missing
         raise PrefetchMissing(absent[0], f"not prefetched ({', '.join(absent)}) and not fetched from a FHIR server")
     patient_raw = prefetch.pop("patient", None)
     if patient_raw is None:
@@ -194,6 +207,10 @@ def evaluate_request(
     only: set[str] | None = None
     if isinstance(context, OrderSelectContext) and context.selections:
         only = set(context.selections)
+        in_drafts = {ref(r) for _, r in drafts}
+        for i, selected in enumerate(context.selections):
+            if selected not in in_drafts:
+                raise InvalidInput(f"context.selections[{i}]", f"{selected!r} is not an order in context.draftOrders")
     findings = evaluate(case, config, rules=_rules(service), only=only)
     cards = cards_for(findings, ctx)
     if request.hook == "medication-refill":

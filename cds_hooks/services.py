@@ -39,7 +39,14 @@ def chart_templates() -> dict[str, str]:
         "conditions": "Condition?patient={{context.patientId}}",
         "procedures": "Procedure?patient={{context.patientId}}",
         "practitionerRoles": "PractitionerRole?practitioner={{userPractitionerId}}",
+        "userRole": "PractitionerRole/{{userPractitionerRoleId}}",
     }
+
+
+OPTIONAL_KEYS = frozenset({"practitionerRoles", "userRole"})
+"""Keys that only feed an advisory rule (the prescriber's specialty; the rule is silent when it is
+unknown): an EHR that cannot fill them (the user is a Practitioner *or* a PractitionerRole, never both)
+leaves them out, and their absence is "no data", not 412. They are still fetched when a server is there."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,10 @@ class CdsService:
     families: frozenset[Family] | None = None
     """Rule families this service runs (None = all)."""
     usage: str | None = None
+
+    @property
+    def required_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in self.prefetch_keys if k not in OPTIONAL_KEYS)
 
     @property
     def prefetch(self) -> dict[str, str]:
@@ -71,7 +82,16 @@ class CdsService:
         return out
 
 
-_ALL_KEYS = ("patient", "medications", "dispenses", "observations", "conditions", "procedures", "practitionerRoles")
+_ALL_KEYS = (
+    "patient",
+    "medications",
+    "dispenses",
+    "observations",
+    "conditions",
+    "procedures",
+    "practitionerRoles",
+    "userRole",
+)
 _USAGE = (
     "Send a signed JWT (ES384/RS384/ES256/RS256) from a registered issuer on every call. Prefetch what you can; "
     "the service fetches the rest from fhirServer with fhirAuthorization (read scopes for the prefetch resources)."
@@ -109,7 +129,7 @@ SERVICES: tuple[CdsService, ...] = (
             "For a patient on an IMiD: one card with the REMS status: risk category, last negative pregnancy "
             "test and when it expires, next test due, days of supply left, next fill date."
         ),
-        prefetch_keys=_ALL_KEYS[:-1],
+        prefetch_keys=_ALL_KEYS[:-2],
         usage=_USAGE,
     ),
     CdsService(

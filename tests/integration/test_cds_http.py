@@ -619,6 +619,14 @@ def medication_by_reference_not_sent(fhir_server: str) -> tuple[Scenario, dict[s
     meds["entry"] = [e for e in meds["entry"] if e["resource"]["resourceType"] != "Medication"]
     body["context"]["draftOrders"]["entry"][0]["resource"]["medicationReference"].pop("display")
     body["fhirServer"] = fhir_server
+    body["prefetch"]["userRole"] = None  # everything else sent: the Medication read is the only request
+    body["fhirAuthorization"] = {
+        "access_token": FHIR_TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/Medication.rs",
+        "subject": "imid-rems",
+    }
     return sc, body
 
 
@@ -628,12 +636,6 @@ def test_an_unreachable_fhir_server_for_a_medication_read_is_412(client: httpx.C
     assert_error(post(client, server, SIGN, body), 412, "prefetch.medications")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prefetch.fetch_referenced_medications builds the Medication URL (FhirSource.url -> urljoin) outside "
-    "any error handling and gathers without return_exceptions, so a malformed fhirServer such as 'http://[::1/fhir' "
-    "raises ValueError('Invalid IPv6 URL') and the hook answers 500 'internal error' instead of a 400/412",
-)
 def test_a_malformed_fhir_server_url_is_never_500(client: httpx.Client, server: CdsServer) -> None:
     sc, body = medication_by_reference_not_sent("http://[::1/fhir")
     server.clock.now = sc.now
@@ -657,13 +659,6 @@ def malformed_imid_order(body: dict[str, Any]) -> None:
     body["context"]["draftOrders"]["entry"][0]["resource"]["authoredOn"] = "yesterday"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: app.run_hook fetches the missing prefetch before the draft orders are validated (validation "
-    "happens in evaluate_request, after fetch_missing; may_skip treats a non-list draftOrders.entry as 'maybe an "
-    "IMiD'), so a malformed draft sent without prefetch is answered 412 prefetch.patient (FHIR server down or no "
-    "fhirServer) instead of the 400/422 naming context.draftOrders.entry... that it gets with a full prefetch",
-)
 @pytest.mark.parametrize(
     "spoil", [malformed_entry_list, malformed_imid_order], ids=["entry-not-a-list", "bad-authoredOn"]
 )
@@ -697,13 +692,6 @@ def test_order_select_judges_the_selected_draft(client: httpx.Client, server: Cd
     assert rule_codes(answer(client, server, sc, body)) == sc.codes == ["pregnancy-test-stale"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: order-select selections are never checked against context.draftOrders (service.evaluate_request "
-    "passes them to the engine as `only`), so a selection that names no draft order (a typo, a bare id instead of "
-    "MedicationRequest/id) silently judges nothing and answers {'cards': []} instead of a 400 naming "
-    "context.selections[0]",
-)
 def test_order_select_with_a_selection_not_in_draft_orders_is_400(client: httpx.Client, server: CdsServer) -> None:
     sc, body = order_select("MedicationRequest/not-in-draft-orders")
     server.clock.now = sc.now

@@ -51,6 +51,7 @@ def run_cds_server(clock: Clock | None = None, **settings: Any) -> Iterator[CdsS
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     clock = clock or Clock()
+    settings.setdefault("public_base_url", base)  # the URL tests call is the service's own URL (JWT aud)
     app = create_app(Settings(**settings), now=clock)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
