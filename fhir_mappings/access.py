@@ -45,6 +45,8 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
 _CODE = re.compile(r"[^\s]+(\s[^\s]+)*")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+match_id = _ID.fullmatch
+"""`is_id` for a value known to be a str (a match or None)."""
 # The FHIR R4 regexes (datatypes.html): year 0001-9999, month, day, time with seconds, offset to 14:00.
 _YEAR = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)"
 _MONTH = r"(0[1-9]|1[0-2])"
@@ -63,6 +65,8 @@ _FAST_TIME = re.compile(
 )
 _VALID_CODES: set[str] = set()
 """Code strings already found valid (statuses, units, LOINC...: few distinct values), up to a bound."""
+VALID_CODES = _VALID_CODES
+"""For a reader that inlines `is_code`: ``v in VALID_CODES or is_code(v)`` for a str `v`."""
 _VALID_CODES_MAX = 8192
 
 STRING = "a FHIR string (non-empty JSON string)"
@@ -344,6 +348,9 @@ def choice(o: Json, path: str, names: frozenset[str]) -> str | None:
     return found[0] if found else None
 
 
+_tuple_new = tuple.__new__
+
+
 class Quantity(NamedTuple):
     """A Quantity (also Duration, SimpleQuantity) as read; `system` is not read."""
 
@@ -377,7 +384,7 @@ def quantity(o: Json, key: str, path: str) -> Quantity | None:
         invalid(f"{path}.{key}.unit", STRING, unit)
     if code_ is not None and not (type(code_) is str and (code_ in valid or is_code(code_))):
         invalid(f"{path}.{key}.code", CODE, code_)
-    return Quantity(value, comparator, unit, code_)
+    return _tuple_new(Quantity, (value, comparator, unit, code_))
 
 
 def reference(o: Json, key: str, path: str) -> str | None:
@@ -446,8 +453,9 @@ def _coding(c: Any, where: str) -> Coding:
     return system, value, display
 
 
-def _concept(v: Any, path: str, key: str, index: int | None = None) -> Concept:
-    """The CodeableConcept `v`, found at `path`.`key` (`[index]`); the path is formatted only for an error."""
+def concept_value(v: Any, path: str, key: str, index: int | None = None) -> Concept:
+    """The CodeableConcept `v` (not None), found at `path`.`key` (`[index]`); the path is formatted only
+    for an error. For a reader that already holds the value (`concept` gets it)."""
     if type(v) is not dict:
         invalid(at(path, key, index), OBJECT, v)
     text = v.get("text")
@@ -492,11 +500,11 @@ def concept(o: Json, key: str, path: str, *, required: bool = False) -> Concept 
         if required:
             missing(at(path, key), "a CodeableConcept (JSON object)")
         return None
-    return _concept(v, path, key)
+    return concept_value(v, path, key)
 
 
 def concepts(o: Json, key: str, path: str) -> list[Concept]:
-    return [_concept(c, path, key, i) for i, c in enumerate(array(o, key, path))]
+    return [concept_value(c, path, key, i) for i, c in enumerate(array(o, key, path))]
 
 
 # ------------------------------------------------------------------------------------------------

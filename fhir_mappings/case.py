@@ -41,6 +41,17 @@ def _check_subject(resource: Json, patient_ref: str, path: str) -> None:
             )
 
 
+_SUBJECT_NAMES: dict[str, tuple[str, ...]] = {
+    rtype: tuple(
+        name
+        for name, types in (("subject", SUBJECT_REFERENCE_TYPES), ("patient", PATIENT_REFERENCE_TYPES))
+        if rtype in types
+    )
+    for rtype in SUBJECT_REFERENCE_TYPES | PATIENT_REFERENCE_TYPES
+}
+"""The single-Reference elements `_check_subject` looks at, by resource type."""
+
+
 def check_drafts(drafts: list[tuple[str, Json]]) -> None:
     """Read every draft MedicationRequest whole (`medication.check_order`), for a caller that answers
     without building a case (no IMiD in the drafts): a malformed order is an error, never "no cards"."""
@@ -77,10 +88,17 @@ def build_case(
     patient_ref = facts.reference
     paths_of = chart.paths
     for rtype, resources in chart.by_type.items():
-        if rtype == "Patient" or (rtype not in SUBJECT_REFERENCE_TYPES and rtype not in PATIENT_REFERENCE_TYPES):
+        if rtype == "Patient":
+            continue
+        names = _SUBJECT_NAMES.get(rtype)
+        if names is None:
             continue
         for r in resources:
-            _check_subject(r, patient_ref, paths_of[id(r)])
+            for name in names:  # the common case inline: a Reference to the patient in context
+                v = r.get(name)
+                if v is not None and not (type(v) is dict and v.get("reference") == patient_ref):
+                    _check_subject(r, patient_ref, paths_of[id(r)])
+                    break
     paths = draft_paths or [f"drafts[{i}]" for i in range(len(drafts))]
     for d, path in zip(drafts, paths, strict=True):
         _check_subject(d, patient_ref, path)

@@ -67,13 +67,21 @@ def notes_text(resource: Json, path: str) -> list[str]:
     return [text for n, npath in objects(resource, "note", path) if (text := string(n, "text", npath, required=True))]
 
 
+_NOT_IN_EFFECT = frozenset({"refuted", "entered-in-error"})
+_CLINICAL_IN_EFFECT = frozenset({"active", "recurrence", "relapse"})
+
+
 def condition_in_effect(cond: Json, path: str) -> bool:
     """Not refuted or entered in error; clinically active, recurrent or relapsed (or status unstated)."""
-    verification = {c for _, c, _ in codings(concept(cond, "verificationStatus", path))}
-    if verification & {"refuted", "entered-in-error"}:
-        return False
-    clinical = {c for _, c, _ in codings(concept(cond, "clinicalStatus", path))}
-    return not clinical or bool(clinical & {"active", "recurrence", "relapse"})
+    verification = concept(cond, "verificationStatus", path)
+    if verification is not None:
+        for _, c, _ in verification.codings:
+            if c in _NOT_IN_EFFECT:
+                return False
+    clinical = concept(cond, "clinicalStatus", path)
+    if clinical is None or not clinical.codings:
+        return True
+    return any(c in _CLINICAL_IN_EFFECT for _, c, _ in clinical.codings)
 
 
 @dataclass(slots=True)

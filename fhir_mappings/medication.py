@@ -22,6 +22,7 @@ from fhir_mappings.access import (
     code,
     coding,
     concept,
+    concept_value,
     concepts,
     date_time,
     decimal,
@@ -216,6 +217,9 @@ def medication_of(resource: Json, path: str, index: ResourceIndex) -> Medication
     """The medication of a MedicationRequest / MedicationDispense (`medication[x]` is required). A
     reference resolves to a contained Medication or one in `index`; failing that its display is the
     text. Raises `UnresolvedMedication` when neither can say what the drug is."""
+    v = resource.get("medicationCodeableConcept")
+    if v is not None and "medicationReference" not in resource:  # the common case, quickly
+        return concept_value(v, path, "medicationCodeableConcept"), ""
     which = choice(resource, path, _MEDICATION)
     if which is None:
         missing(f"{path}.medication[x]", "medicationCodeableConcept or medicationReference")
@@ -542,21 +546,41 @@ def _matches(terms: tuple[set[str], set[str], str], ind: IndicationCodes) -> boo
     return any(c.startswith(ind.icd10cm_prefix) for c in icd) or bool(sct & ind.snomed) or ind.text_terms.found_in(text)
 
 
+_DIAGNOSES: dict[tuple[object, ...], tuple[Codes, tuple[str | None, bool, bool]]] = {}
+"""`_diagnosis` by what it reads (codings, text); bounded like `_IDENTITIES`."""
+
+
+def _diagnosis(concept_: Concept | None, codes: Codes) -> tuple[str | None, bool, bool]:
+    """(the first coverage indication a diagnosis matches, if any; Kaposi sarcoma; HIV)."""
+    if concept_ is None:
+        key: tuple[object, ...] = (id(codes), None, None)
+    else:
+        key = (id(codes), concept_.codings, concept_.text)
+    hit = _DIAGNOSES.get(key)
+    if hit is not None and hit[0] is codes:
+        return hit[1]
+    terms = _terms(concept_, codes)
+    indication = next((ind.key for ind in codes.indications if _matches(terms, ind)), None)
+    found = (indication, _matches(terms, codes.kaposi), _matches(terms, codes.hiv))
+    if len(_DIAGNOSES) >= _CACHE_MAX:
+        _DIAGNOSES.clear()
+    _DIAGNOSES[key] = (codes, found)
+    return found
+
+
 def _indications(concepts_: list[Concept | None], codes: Codes, source: str) -> list[Indication]:
     out: list[Indication] = []
     for concept_ in concepts_:
-        terms = _terms(concept_, codes)
-        for ind in codes.indications:
-            if _matches(terms, ind):
-                out.append(Indication(ind.key, source))
-                break
+        key = _diagnosis(concept_, codes)[0]
+        if key is not None:
+            out.append(Indication(key, source))
     return out
 
 
 def kaposi_with_hiv(concepts_: list[Concept | None], codes: Codes) -> bool:
     """HIV-related Kaposi sarcoma coded as two diagnoses (e.g. ICD-10-CM C46.9 and B20)."""
-    terms = [_terms(c, codes) for c in concepts_]
-    return any(_matches(t, codes.kaposi) for t in terms) and any(_matches(t, codes.hiv) for t in terms)
+    found = [_diagnosis(c, codes) for c in concepts_]
+    return any(f[1] for f in found) and any(f[2] for f in found)
 
 
 def order_indications(mr: Json, path: str, order: OrderFields, index: ResourceIndex, codes: Codes) -> list[Indication]:

@@ -15,15 +15,18 @@ from decimal import Decimal
 from functools import cache
 
 from fhir_mappings.access import (
+    VALID_CODES,
     Concept,
     Json,
     Quantity,
     choice,
     code,
     concept,
+    concept_value,
     concepts,
     date_time,
     instant,
+    is_code,
     obj,
     objects,
     quantity,
@@ -104,8 +107,12 @@ class ChartObservation:
 
 
 def read_observation(raw: Json, path: str, codes: Codes) -> ChartObservation:
-    status = code(raw, "status", path, required=True)
-    obs_code = concept(raw, "code", path, required=True)
+    # `code(raw, "status", ...)` and `concept(raw, "code", ...)`, both required, with the good case inline
+    status = raw.get("status")
+    if not (type(status) is str and (status in VALID_CODES or is_code(status))):
+        status = code(raw, "status", path, required=True)  # raises, naming what is wrong
+    v = raw.get("code")
+    obs_code = concept_value(v, path, "code") if v is not None else concept(raw, "code", path, required=True)
     system = codes.loinc
     return ChartObservation(raw, path, status, obs_code, {c for s, c, _ in obs_code.codings if s == system and c})
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhir_mappings.access import Json, fhir_id, invalid, is_id, resource_type, shown
+from fhir_mappings.access import Json, fhir_id, invalid, match_id, resource_type, shown
 from fhir_mappings.errors import InvalidInput
 from fhir_mappings.r4_types import RESOURCE_TYPES
 
@@ -50,6 +50,7 @@ def parse_bundle_entries(raw: Any, path: str, allowed: Iterable[str] | None = No
         raise InvalidInput(f"{path}.entry", f"{len(entries)} entries; at most {MAX_ENTRIES} accepted", 413)
     allowed = tuple(allowed) if allowed is not None else None
     out = []
+    types = RESOURCE_TYPES
     for i, entry in enumerate(entries):
         if type(entry) is not dict:
             raise InvalidInput(f"{path}.entry[{i}]", "expected a Bundle entry (JSON object)")
@@ -61,12 +62,17 @@ def parse_bundle_entries(raw: Any, path: str, allowed: Iterable[str] | None = No
         if resource is None:
             raise InvalidInput(rpath, "missing")
         # The checks of `parse_resource`, with its common case inlined (this loop sees every entry).
-        rtype = resource.get("resourceType") if type(resource) is dict else None
-        rid = resource.get("id") if rtype is not None else None
-        if allowed is None and rtype in RESOURCE_TYPES and (rid is None or is_id(rid)):
-            out.append((rpath, resource))
-        else:
-            out.append((rpath, parse_resource(resource, rpath, allowed)))
+        if type(resource) is dict and allowed is None:
+            rtype = resource.get("resourceType")
+            rid = resource.get("id")
+            if (
+                type(rtype) is str
+                and rtype in types
+                and (rid is None or (type(rid) is str and match_id(rid) is not None))
+            ):
+                out.append((rpath, resource))
+                continue
+        out.append((rpath, parse_resource(resource, rpath, allowed)))
     return out
 
 
@@ -139,6 +145,7 @@ class ResourceIndex:
 def index_prefetch(prefetch: Mapping[str, Any] | None, base: str = "prefetch") -> ResourceIndex:
     """Every resource in every prefetch value (a resource or a Bundle; ``null`` = no data)."""
     index = ResourceIndex()
+    by_type, by_ref, paths = index.by_type, index.by_ref, index.paths
     for key, value in (prefetch or {}).items():
         path = f"{base}.{key}"
         if value is None:
@@ -148,7 +155,19 @@ def index_prefetch(prefetch: Mapping[str, Any] | None, base: str = "prefetch") -
         rtype = value.get("resourceType")
         if rtype == "Bundle":
             for res_path, res in parse_bundle_entries(value, path):
-                index.add(res, res_path)
+                # `index.add`, inline (every resource of the request passes here)
+                res_type = res["resourceType"]
+                found = by_type.get(res_type)
+                if found is None:
+                    by_type[res_type] = [res]
+                else:
+                    found.append(res)
+                paths[id(res)] = res_path
+                rid = res.get("id")
+                if rid:
+                    key = f"{res_type}/{rid}"
+                    if key not in by_ref:
+                        by_ref[key] = res
         elif rtype == "OperationOutcome":
             issues = value.get("issue") or []
             first = issues[0] if isinstance(issues, list) and issues and isinstance(issues[0], dict) else {}

@@ -418,6 +418,14 @@ def test_unknown_resource_type_is_refused(rtype: str) -> None:
     assert err.status == (400 if rtype == "" else 422)
 
 
+@pytest.mark.parametrize("rtype", [{"text": "Observation"}, ["Observation"], 7])
+def test_a_resource_type_that_is_not_a_string_is_refused(rtype: Any) -> None:
+    """An object or array where the type name is due is the 400 of a missing type (it was a crash, the
+    unhashable value looked up among the type names)."""
+    err = refused(request(observations=bundle({"resourceType": rtype, "id": "x"})))
+    assert (err.path, err.status) == ("prefetch.observations.entry[0].resource.resourceType", 400)
+
+
 @pytest.mark.parametrize(
     ("rid", "shown"),
     [("obs 1", "'obs 1'"), ("a" * 65, "'" + "a" * 60 + "'…"), (5, "5"), ("obs/1", "'obs/1'"), ("", "''")],
