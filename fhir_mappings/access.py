@@ -336,7 +336,7 @@ def objects(o: Json, key: str, path: str) -> list[tuple[Json, str]]:
 def choice(o: Json, path: str, names: frozenset[str]) -> str | None:
     """Which one of a choice element's names (`names`: ``valueQuantity``, ``valueString``...) is
     present. FHIR allows one: two of them is a 422 (we would not know which to act on)."""
-    present = o.keys() & names
+    present = names.intersection(o)
     if not present:
         return None
     if len(present) == 1:

@@ -435,14 +435,21 @@ def _dose(order: OrderFields, strength: Decimal | None, text: str) -> Dose:
     )
 
 
+def _supply_stated(esd: Quantity | None) -> tuple[SupplyDays | None, str | None] | None:
+    """The supply from `expectedSupplyDuration`, when it states one (else None: work it out)."""
+    if esd is None or esd.value is None:
+        return None
+    unit = (esd.code or esd.unit or "d").strip().lower()
+    factor = _DAY_UNITS.get(unit)
+    if factor is None:
+        return None, f"expectedSupplyDuration unit {esd.code or esd.unit!r} not understood"
+    return SupplyDays(esd.value * factor, "expectedSupplyDuration"), None
+
+
 def _supply(order: OrderFields, dose: Dose) -> tuple[SupplyDays | None, str | None]:
-    esd = order.supply_duration
-    if esd is not None and esd.value is not None:
-        unit = (esd.code or esd.unit or "d").strip().lower()
-        factor = _DAY_UNITS.get(unit)
-        if factor is None:
-            return None, f"expectedSupplyDuration unit {esd.code or esd.unit!r} not understood"
-        return SupplyDays(esd.value * factor, "expectedSupplyDuration"), None
+    stated = _supply_stated(order.supply_duration)
+    if stated is not None:
+        return stated
     q = order.quantity
     if q is None or q.value is None:
         return None, "no expectedSupplyDuration and no quantity"
@@ -711,6 +718,7 @@ _LAZY_FIELDS = (
 )
 """What a chart order is asked for only when a rule judges it as the current order (patient-view status)
 or leans on its supply (an order in effect with no dispense on file)."""
+_SUPPLY_FIELDS = ("supply", "supply_problem")
 _ORDER_FIELDS = tuple(ImidOrder.__dataclass_fields__)
 
 
@@ -721,7 +729,9 @@ class ChartImidOrder(ImidOrder):
     authoredOn, start), each checked as `imid_order` checks it. The rest (`_LAZY_FIELDS`: supply,
     dose, refills, authorization, risk category, indications...) is read whole by `imid_order`, and so
     checked, the first time any of it is asked for; a malformed field raises `InvalidInput` then. Most
-    chart orders are history (dispensed, completed) whose dose and authorization no rule reads.
+    chart orders are history (dispensed, completed) whose dose and authorization no rule reads. The
+    supply of an order in effect with no dispense on file is asked for alone: when the order states
+    it (`expectedSupplyDuration`), only that is read.
 
     Equal to, hashed and shown as the `ImidOrder` with the same fields."""
 
@@ -729,11 +739,22 @@ class ChartImidOrder(ImidOrder):
 
     def __getattr__(self, name: str) -> Any:
         # Called only for an attribute not set yet: a lazy field before the second read.
-        pending = self.__dict__.get("_pending")
+        fields = self.__dict__
+        pending = fields.get("_pending")
         if pending is None or name not in _LAZY_FIELDS:
             raise AttributeError(name)
+        if name in _SUPPLY_FIELDS:
+            mr, path = pending[0], pending[1]
+            dispense = obj(mr, "dispenseRequest", path)
+            stated = (
+                _supply_stated(quantity(dispense, "expectedSupplyDuration", f"{path}.dispenseRequest"))
+                if dispense is not None
+                else None
+            )
+            if stated is not None:
+                fields["supply"], fields["supply_problem"] = stated
+                return fields[name]
         full = _imid_order(*pending)
-        fields = self.__dict__
         for f in _LAZY_FIELDS:
             fields[f] = getattr(full, f)
         fields["_pending"] = None

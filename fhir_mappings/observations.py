@@ -387,7 +387,23 @@ def labs(observations: list[ChartObservation], codes: Codes) -> tuple[list[LabVa
     return out, unreadable
 
 
+_NRP_KINDS: dict[tuple[object, ...], tuple[Codes, NrpEvidenceKind | None]] = {}
+"""`_nrp_kind` by what it reads (codings, text); bounded (cleared when full)."""
+
+
 def _nrp_kind(concept_: Concept | None, codes: Codes) -> NrpEvidenceKind | None:
+    key = (id(codes), None) if concept_ is None else (id(codes), concept_.codings)
+    hit = _NRP_KINDS.get(key)
+    if hit is not None and hit[0] is codes:
+        return hit[1]
+    kind = _nrp_kind_of(concept_, codes)
+    if len(_NRP_KINDS) >= 4096:
+        _NRP_KINDS.clear()
+    _NRP_KINDS[key] = (codes, kind)
+    return kind
+
+
+def _nrp_kind_of(concept_: Concept | None, codes: Codes) -> NrpEvidenceKind | None:
     sct = codes_in(concept_, codes.snomed)
     icd = codes_in(concept_, codes.icd10cm)
     # Hysterectomy first: codes listed under both (e.g. TAH-BSO) are hysterectomies.

@@ -537,23 +537,47 @@ def test_the_dates_of_a_chart_order_are_checked_at_once() -> None:
 
 
 def test_a_chart_order_whose_supply_counts_is_read_whole() -> None:
-    """An active order with no dispense on file: its supply is the patient's current supply, so the
-    order is read whole, and a malformed dosage is a 422 as in a draft."""
+    """An active order with no dispense on file: its supply is the patient's current supply. Worked
+    out from quantity and dose, it needs the order read whole: a malformed dosage is a 422 as in a draft."""
     raw = request(medications=bundle(history_order(status="active", dosageInstruction={"text": "not an array"})))
     err = refused(raw)
     assert (err.path, err.status) == ("prefetch.medications.entry[0].resource.dosageInstruction", 422)
 
 
+def test_a_chart_order_that_states_its_supply_is_read_as_far_as_that() -> None:
+    """The same order stating its supply (`expectedSupplyDuration`): that is all the rules read of it,
+    and it is checked."""
+    stated = {"expectedSupplyDuration": {"value": 28, "unit": "days", "code": "d"}}
+    base = request(medications=bundle(history_order(status="active", dispenseRequest=stated)))
+    noisy = request(
+        medications=bundle(
+            history_order(status="active", dispenseRequest=stated, dosageInstruction={"text": "not an array"})
+        )
+    )
+    assert evaluate(noisy) == evaluate(base)
+    bad = {"expectedSupplyDuration": {"value": "28", "unit": "days", "code": "d"}}
+    err = refused(request(medications=bundle(history_order(status="active", dispenseRequest=bad))))
+    assert err.path == "prefetch.medications.entry[0].resource.dispenseRequest.expectedSupplyDuration.value"
+
+
 @pytest.mark.parametrize("status", ["completed", "active"])
-def test_a_chart_order_read_in_two_steps_equals_the_order_read_at_once(status: str) -> None:
+@pytest.mark.parametrize("supply_first", [False, True])
+def test_a_chart_order_read_in_two_steps_equals_the_order_read_at_once(status: str, supply_first: bool) -> None:
     raw = parse_resource(
-        history_order(status=status, note=[{"text": "REMS auth # 12345678; risk category: adult female rp"}]), "p"
+        history_order(
+            status=status,
+            note=[{"text": "REMS auth # 12345678; risk category: adult female rp"}],
+            dispenseRequest={"expectedSupplyDuration": {"value": 4, "unit": "weeks", "code": "wk"}},
+        ),
+        "p",
     )
     index = ResourceIndex()
     eager = imid_order(raw, "p", index, default_codes(), CHICAGO, True)
     lazy = chart_imid_order(raw, "p", index, default_codes(), CHICAGO, True, medication_of(raw, "p", index), status)
     assert eager is not None and lazy is not None
     assert isinstance(lazy, ChartImidOrder) and type(eager) is ImidOrder
+    if supply_first:
+        assert lazy.supply == eager.supply and lazy.supply is not None and lazy.supply.days == 28
     assert lazy == eager and eager == lazy and hash(lazy) == hash(eager) and repr(lazy) == repr(eager)
     assert lazy.authorization_number == "12345678"
     assert dataclasses.astuple(lazy) == dataclasses.astuple(eager)
