@@ -431,8 +431,9 @@ class Concept:
 
     def label(self) -> str:
         """All human text: `text`, then each coding's display."""
-        parts = [self.text] if self.text else []
-        parts.extend(d for _, _, d in self.codings if d)
+        parts = [d for _, _, d in self.codings if d]
+        if self.text:
+            parts.insert(0, self.text)
         return " | ".join(parts)
 
     def __repr__(self) -> str:
@@ -504,7 +505,12 @@ def concept(o: Json, key: str, path: str, *, required: bool = False) -> Concept 
 
 
 def concepts(o: Json, key: str, path: str) -> list[Concept]:
-    return [concept_value(c, path, key, i) for i, c in enumerate(array(o, key, path))]
+    v = o.get(key)
+    if v is None:
+        return []
+    if type(v) is not list:
+        invalid(at(path, key), ARRAY, v)
+    return [concept_value(c, path, key, i) for i, c in enumerate(v)]
 
 
 # ------------------------------------------------------------------------------------------------

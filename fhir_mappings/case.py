@@ -133,7 +133,8 @@ def build_case(
     chart_orders: list[ImidOrder] = []
     unreadable_orders: list[str] = []
     for mr, path in chart.located("MedicationRequest"):
-        if ref(mr) in draft_refs:
+        mr_ref = ref(mr)
+        if mr_ref in draft_refs:
             continue
         status = code(mr, "status", path, required=True)
         if status in ORDER_STATUSES_DROPPED:
@@ -141,9 +142,9 @@ def build_case(
         try:
             medication = med.medication_of(mr, path, chart)
         except med.UnresolvedMedication as exc:
-            unreadable_orders.append(f"{ref(mr)}: medication {exc.reference!r} not available")
+            unreadable_orders.append(f"{mr_ref}: medication {exc.reference!r} not available")
             continue
-        order = med.chart_imid_order(mr, path, chart, codes, zone, adult, medication, status)
+        order = med.chart_imid_order(mr, path, chart, codes, zone, adult, medication, status, mr_ref)
         if order is not None:
             chart_orders.append(order)
         elif status in ANTITHROMBOTIC_STATUSES:

@@ -785,9 +785,10 @@ def chart_imid_order(
     adult: bool | None,
     medication: MedicationRead,
     status: str,
+    reference: str,
 ) -> ImidOrder | None:
     """`imid_order` for an order in the chart: a `ChartImidOrder`, whose fields beyond what every rule
-    reads are read when first asked for. `status` is the order's status, already read."""
+    reads are read when first asked for. `status` (already read) and `reference` are the order's."""
     concept_, fallback = medication
     ident = identify_imid(concept_, codes, fallback)
     if ident is None:
@@ -801,7 +802,7 @@ def chart_imid_order(
     start_m = validity_start or authored_on
     order = _new(ChartImidOrder)
     order.__dict__.update(
-        reference=ref(mr),
+        reference=reference,
         drug=ident.drug,
         medication_text=ident.text,
         brand=ident.brand,

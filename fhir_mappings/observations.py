@@ -161,9 +161,9 @@ def collection_time(obs: ChartObservation) -> tuple[datetime | date | None, str]
 
 def is_pregnancy_test(obs: ChartObservation, codes: Codes) -> bool:
     loinc = obs.loinc
-    if loinc & codes.preg_exclude:
+    if not loinc.isdisjoint(codes.preg_exclude):
         return False
-    if loinc & codes.preg_codes:
+    if not loinc.isdisjoint(codes.preg_codes):
         return True
     if loinc:
         return False

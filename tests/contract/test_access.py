@@ -573,7 +573,17 @@ def test_a_chart_order_read_in_two_steps_equals_the_order_read_at_once(status: s
     )
     index = ResourceIndex()
     eager = imid_order(raw, "p", index, default_codes(), CHICAGO, True)
-    lazy = chart_imid_order(raw, "p", index, default_codes(), CHICAGO, True, medication_of(raw, "p", index), status)
+    lazy = chart_imid_order(
+        raw,
+        "p",
+        index,
+        default_codes(),
+        CHICAGO,
+        True,
+        medication_of(raw, "p", index),
+        status,
+        "MedicationRequest/hist-1",
+    )
     assert eager is not None and lazy is not None
     assert isinstance(lazy, ChartImidOrder) and type(eager) is ImidOrder
     if supply_first:
