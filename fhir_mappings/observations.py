@@ -114,7 +114,11 @@ def read_observation(raw: Json, path: str, codes: Codes) -> ChartObservation:
     v = raw.get("code")
     obs_code = concept_value(v, path, "code") if v is not None else concept(raw, "code", path, required=True)
     system = codes.loinc
-    return ChartObservation(raw, path, status, obs_code, {c for s, c, _ in obs_code.codings if s == system and c})
+    loinc: set[str] = set()
+    for s, c, _ in obs_code.codings:
+        if s == system and c:
+            loinc.add(c)
+    return ChartObservation(raw, path, status, obs_code, loinc)
 
 
 def _norm(text: str) -> str:

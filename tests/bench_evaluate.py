@@ -7,7 +7,8 @@ Two measurements on this machine, one core, no threshold (timing never decides a
    p50/p90/p99 and throughput.
 2. The 40-resource prefetch of `tests/support/large_request.py` (an order-sign as a real chart sends
    it, the body the HTTP bench posts), step by step: ``orjson.loads`` of the request body (what any
-   endpoint pays), the CDS envelope (`parse_request`, pydantic), `evaluate_request` alone, and both.
+   endpoint pays), the CDS envelope (`parse_request`, pydantic), reading the chart into a `Case`
+   (`index_prefetch` + `build_case`, part of `evaluate_request`), `evaluate_request` alone, and all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from cds_hooks.service import evaluate_request, parse_request
+from fhir_mappings import build_case, index_prefetch, parse_bundle_entries
 
 HERE = Path(__file__).parent / "scenarios"
 ROUNDS = 30
@@ -98,9 +100,23 @@ def large(out: TextIO) -> None:
     raw, now, zone = large_order_sign()
     body = orjson.dumps(raw)
     request = parse_request(raw)
+    prefetch = {k: v for k, v in raw["prefetch"].items() if k != "patient"}
+    drafts = parse_bundle_entries(raw["context"]["draftOrders"], "context.draftOrders")
+
+    def read_chart() -> Any:
+        return build_case(
+            patient=raw["prefetch"]["patient"],
+            drafts=[d for _, d in drafts],
+            draft_paths=[p for p, _ in drafts],
+            chart=index_prefetch(prefetch),
+            now=now,
+            zone=zone,
+        )
+
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("orjson.loads(body)", lambda: orjson.loads(body)),
         ("parse_request (CDS envelope)", lambda: parse_request(raw)),
+        ("index_prefetch + build_case", read_chart),
         ("evaluate_request", lambda: evaluate_request(request, now=now, zone=zone)),
         (
             "loads + parse_request + evaluate",
