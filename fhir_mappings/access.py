@@ -467,8 +467,18 @@ def concept_value(v: Any, path: str, key: str, index: int | None = None) -> Conc
         return Concept((), text)
     if type(raw) is not list:
         invalid(at(path, key, index) + ".coding", ARRAY, raw)
-    out: list[Coding] = []
     valid = _VALID_CODES
+    if len(raw) == 1:  # the usual single coding, without building a list
+        c = raw[0]
+        if type(c) is dict:
+            system, value, display = c.get("system"), c.get("code"), c.get("display")
+            if (
+                (system is None or (type(system) is str and system))
+                and (value is None or (type(value) is str and (value in valid or is_code(value))))
+                and (display is None or (type(display) is str and display))
+            ):
+                return Concept(((system, value, display),), text)
+    out: list[Coding] = []
     for c in raw:
         if type(c) is dict:
             system, value, display = c.get("system"), c.get("code"), c.get("display")
