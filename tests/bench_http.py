@@ -160,7 +160,7 @@ def start(kind: str, now: str, db: str, clients: str | None = None) -> tuple[sub
 
 
 def main() -> int:
-    from tests.support.jwt_keys import client_config, ec_key, sign, write_jwks
+    from tests.support.jwt_keys import client_config, ec_key, rsa_key, sign, write_jwks
     from tests.support.large_request import count_resources, large_order_sign
 
     ap = argparse.ArgumentParser()
@@ -171,9 +171,10 @@ def main() -> int:
     n = args.requests
     rows: list[tuple[str, int, Result]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        key = ec_key(alg="ES384")
-        clients = client_config(jwks_path=write_jwks(Path(tmp) / "jwks.json", key))
-        for kind in ("bare", "imid", "imid-auth"):
+        ec384, rs384 = ec_key(alg="ES384"), rsa_key(alg="RS384")
+        clients = client_config(jwks_path=write_jwks(Path(tmp) / "jwks.json", ec384, rs384))
+        for kind in ("bare", "imid", "imid-auth", "imid-auth-rs"):
+            key = rs384 if kind == "imid-auth-rs" else ec384
             server_kind = "bare" if kind == "bare" else "imid"
             proc, port = start(
                 server_kind,
@@ -184,8 +185,10 @@ def main() -> int:
             try:
                 aud = f"http://127.0.0.1:{port}{PATH}"
 
-                def payloads(count: int, port: int = port, aud: str = aud, kind: str = kind) -> list[bytes]:
-                    if kind != "imid-auth":
+                def payloads(
+                    count: int, port: int = port, aud: str = aud, kind: str = kind, key: Any = key
+                ) -> list[bytes]:
+                    if "auth" not in kind:
                         return [request_bytes(port, body, None)] * count
                     # one fresh token (unique jti) per request, signed before the clock starts
                     return [request_bytes(port, body, sign(key, aud=aud, lifetime_s=240)) for _ in range(count)]
@@ -205,9 +208,12 @@ def main() -> int:
     bare = {c: r for k, c, r in rows if k == "bare"}
     out.write(f"  {'server':<22}{'conc':>5}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'vs bare':>9}\n")
     for kind, conc, r in rows:
-        label = {"bare": "bare FastAPI endpoint", "imid": "imid-rems (auth off)", "imid-auth": "imid-rems (ES384 JWT)"}[
-            kind
-        ]
+        label = {
+            "bare": "bare FastAPI endpoint",
+            "imid": "imid-rems (auth off)",
+            "imid-auth": "imid-rems (ES384 JWT)",
+            "imid-auth-rs": "imid-rems (RS384 JWT)",
+        }[kind]
         ratio = r.rps / bare[conc].rps
         out.write(f"  {label:<22}{conc:>5}{r.pct(0.5):>9.2f}{r.pct(0.99):>9.2f}{r.rps:>9.0f}{ratio:>8.0%}\n")
     out.write(json.dumps({f"{k}-c{c}": {"p50": r.pct(0.5), "p99": r.pct(0.99), "rps": r.rps} for k, c, r in rows}))
