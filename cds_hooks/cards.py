@@ -46,14 +46,6 @@ OVERRIDE_REASONS: tuple[Coding, ...] = (
     Coding(system=OVERRIDE_SYSTEM, code="will-address-before-dispense", display="Will address before dispensing"),
 )
 
-CATEGORY_DISPLAY: dict[RiskCategory, str] = {
-    RiskCategory.ADULT_FEMALE_RP: "Adult Female Who Can Get Pregnant",
-    RiskCategory.CHILD_FEMALE_RP: "Female Child Who Can Get Pregnant",
-    RiskCategory.ADULT_FEMALE_NRP: "Adult Female Who Can Not Get Pregnant",
-    RiskCategory.CHILD_FEMALE_NRP: "Female Child Who Can Not Get Pregnant",
-    RiskCategory.ADULT_MALE: "Adult Male",
-    RiskCategory.CHILD_MALE: "Male Child",
-}
 
 _SMART_FIXES = {
     FixKind.ENTER_AUTHORIZATION: "Enter the REMS authorization number",
@@ -249,7 +241,7 @@ def _day(d: date | None) -> str:
 
 
 def _status_line(s: RemsStatus) -> str:
-    cat = CATEGORY_DISPLAY[s.risk_category] if s.risk_category else "category unknown"
+    cat = s.risk_category.display if s.risk_category else "category unknown"
     parts = [f"{s.drug.value.capitalize()}: {cat}"]
     if s.pregnancy_tests_required:
         if s.positive_since_negative is not None:
@@ -276,7 +268,7 @@ def _status_severity(s: RemsStatus) -> Severity:
 
 
 def _status_detail(s: RemsStatus) -> str:
-    cat = CATEGORY_DISPLAY[s.risk_category] if s.risk_category else "unknown"
+    cat = s.risk_category.display if s.risk_category else "unknown"
     source = {
         CategorySource.ORDER: "documented",
         CategorySource.SUGGESTED: "suggested by the chart, not on the order",
@@ -381,7 +373,7 @@ def draft_refill(
         patient_id=ctx.patient_id,
         supply_days=days,
         category_code=category.value if category else "",
-        category_display=CATEGORY_DISPLAY[category] if category else "",
+        category_display=category.display if category else "",
         authorization=None,
         draft_identifier=draft_identifier(prior),
         authored_on=authored_on,
@@ -404,7 +396,7 @@ def refill_card(drafted: DraftedRefill, checks: Sequence[Finding], ctx: CardCont
     drug = Drug(order.drug).value.capitalize()
     summary = f"{drug}: next {days}-day prescription drafted, no refills"
     summary += f"; {len(blocking)} REMS problem(s) to fix first" if blocking else "; pre-checks passed"
-    cat = CATEGORY_DISPLAY[category] if category else "**unknown — document it**"
+    cat = category.display if category else "**unknown — document it**"
     lines = [
         f"A new prescription continuing `{drafted.prior}`: {order.medication_text}, {days} days, no refills, "
         f"risk category {cat}.",

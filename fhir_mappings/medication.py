@@ -86,7 +86,7 @@ _FREQUENCY_TEXT: tuple[tuple[re.Pattern[str], Decimal | None], ...] = (
         Decimal(1),
     ),
 )
-_CAPSULE_UNITS = {
+CAPSULE_UNITS = {
     "capsule",
     "capsules",
     "capsule(s)",
@@ -105,7 +105,7 @@ _CAPSULE_UNITS = {
     "unit",
     "units",
 }
-_CAPSULE_CODES = {"CAP", "385049006", "428641000"}
+CAPSULE_CODES = {"CAP", "385049006", "428641000"}
 _DAY_UNITS: dict[str, Decimal] = {
     "d": Decimal(1),
     "day": Decimal(1),
@@ -369,9 +369,9 @@ def _identify(concept_: Concept | None, codes: Codes, fallback_text: str) -> Med
 def _is_capsule_unit(q: Quantity) -> bool:
     unit = (q.unit or "").strip().lower()
     code_ = q.code or ""
-    if code_ in _CAPSULE_CODES or code_.lower() in _CAPSULE_UNITS:
+    if code_ in CAPSULE_CODES or code_.lower() in CAPSULE_UNITS:
         return True
-    return unit in _CAPSULE_UNITS or (not unit and not code_)
+    return unit in CAPSULE_UNITS or (not unit and not code_)
 
 
 def _instruction_text(order: OrderFields) -> str:

@@ -36,7 +36,13 @@ from datetime import date, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
-from fhir_mappings.medication import AUTHORIZATION_SYSTEM, RISK_CATEGORY_EXTENSION, RISK_CATEGORY_SYSTEM
+from fhir_mappings.medication import (
+    AUTHORIZATION_SYSTEM,
+    CAPSULE_CODES,
+    CAPSULE_UNITS,
+    RISK_CATEGORY_EXTENSION,
+    RISK_CATEGORY_SYSTEM,
+)
 from rems.model import RiskCategory
 
 UCUM = "http://unitsofmeasure.org"
@@ -63,29 +69,8 @@ LABORATORY_CATEGORY = {"system": SNOMED, "code": "108252007", "display": "Labora
 
 # --- Reading the draft (a small, strict reader of our own: the read-side mappings are not imported) --
 
-_CAPSULE_UNITS = frozenset(
-    {
-        "capsule",
-        "capsules",
-        "capsule(s)",
-        "cap",
-        "caps",
-        "{capsule}",
-        "{capsules}",
-        "{cap}",
-        "{caps}",
-        "{capsule(s)}",
-        "ea",
-        "each",
-        "1",
-        "{count}",
-        "{unit}",
-        "unit",
-        "units",
-    }
-)
-"""The units the reader counts as capsules (kept in step with `fhir_mappings.medication`)."""
-_CAPSULE_CODES = frozenset({"CAP", "385049006", "428641000"})
+# The capsule vocabulary is the reader's own (medication.CAPSULE_UNITS / CAPSULE_CODES): what we write
+# must read back the same way.
 _MG_UNITS = frozenset({"mg", "milligram", "milligrams"})
 _DAY_UNITS: Mapping[str, Decimal] = {
     "d": Decimal(1),
@@ -149,9 +134,9 @@ def _is_capsule_quantity(q: Mapping[str, Any]) -> bool:
     """The reader's test for a quantity in capsules (no unit and no code at all counts as capsules)."""
     unit = str(q.get("unit") or "").strip().lower()
     code = str(q.get("code") or "")
-    if code in _CAPSULE_CODES or code.lower() in _CAPSULE_UNITS:
+    if code in CAPSULE_CODES or code.lower() in CAPSULE_UNITS:
         return True
-    return unit in _CAPSULE_UNITS or (not unit and not code)
+    return unit in CAPSULE_UNITS or (not unit and not code)
 
 
 def _unit_of(q: Mapping[str, Any]) -> str:
