@@ -2,7 +2,7 @@
 
 Spec: https://cds-hooks.hl7.org/2.0/ ; hook contexts from the CDS Hooks library
 (order-select, order-sign, patient-view, medication-refill). FHIR resources inside stay raw JSON here:
-`fhir_mappings` parses them (once) with the R4B models, so errors can name the exact path.
+`fhir_mappings` reads them (plain JSON, each field checked where it is used), so errors can name the exact path.
 """
 
 from __future__ import annotations
