@@ -106,7 +106,7 @@ CAPSULE_UNITS = {
     "units",
 }
 CAPSULE_CODES = {"CAP", "385049006", "428641000"}
-_DAY_UNITS: dict[str, Decimal] = {
+DAY_UNITS: dict[str, Decimal] = {
     "d": Decimal(1),
     "day": Decimal(1),
     "days": Decimal(1),
@@ -366,12 +366,17 @@ def _identify(concept_: Concept | None, codes: Codes, fallback_text: str) -> Med
     return None
 
 
-def _is_capsule_unit(q: Quantity) -> bool:
-    unit = (q.unit or "").strip().lower()
-    code_ = q.code or ""
-    if code_ in CAPSULE_CODES or code_.lower() in CAPSULE_UNITS:
+def is_capsule(unit: str, code: str) -> bool:
+    """A quantity in capsules, by its unit and code (no unit and no code at all counts as capsules).
+    The refill writer uses the same test, so what it writes reads back the same way."""
+    unit = unit.strip().lower()
+    if code in CAPSULE_CODES or code.lower() in CAPSULE_UNITS:
         return True
-    return unit in CAPSULE_UNITS or (not unit and not code_)
+    return unit in CAPSULE_UNITS or (not unit and not code)
+
+
+def _is_capsule_unit(q: Quantity) -> bool:
+    return is_capsule(q.unit or "", q.code or "")
 
 
 def _instruction_text(order: OrderFields) -> str:
@@ -388,7 +393,7 @@ def _doses_per_day(order: OrderFields, text: str) -> Decimal | None:
         if d.has_repeat:
             freq = Decimal(d.frequency or 1)
             period = d.period or Decimal(1)
-            unit_days = _DAY_UNITS.get((d.period_unit or "d").lower())
+            unit_days = DAY_UNITS.get((d.period_unit or "d").lower())
             if unit_days is None or period <= 0:
                 return None
             return freq / (period * unit_days)
@@ -440,7 +445,7 @@ def _supply_stated(esd: Quantity | None) -> tuple[SupplyDays | None, str | None]
     if esd is None or esd.value is None:
         return None
     unit = (esd.code or esd.unit or "d").strip().lower()
-    factor = _DAY_UNITS.get(unit)
+    factor = DAY_UNITS.get(unit)
     if factor is None:
         return None, f"expectedSupplyDuration unit {esd.code or esd.unit!r} not understood"
     return SupplyDays(esd.value * factor, "expectedSupplyDuration"), None
@@ -689,7 +694,7 @@ def imid_dispense(md: Json, path: str, index: ResourceIndex, codes: Codes) -> Di
     days: Decimal | None = None
     supply = quantity(md, "daysSupply", path)
     if supply is not None and supply.value is not None:
-        factor = _DAY_UNITS.get((supply.code or supply.unit or "d").strip().lower())
+        factor = DAY_UNITS.get((supply.code or supply.unit or "d").strip().lower())
         days = supply.value * factor if factor is not None else None
     prescriptions = references(md, "authorizingPrescription", path)
     return Dispense(

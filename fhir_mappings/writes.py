@@ -38,10 +38,10 @@ from typing import Any
 
 from fhir_mappings.medication import (
     AUTHORIZATION_SYSTEM,
-    CAPSULE_CODES,
-    CAPSULE_UNITS,
+    DAY_UNITS,
     RISK_CATEGORY_EXTENSION,
     RISK_CATEGORY_SYSTEM,
+    is_capsule,
 )
 from rems.model import RiskCategory
 
@@ -69,24 +69,9 @@ LABORATORY_CATEGORY = {"system": SNOMED, "code": "108252007", "display": "Labora
 
 # --- Reading the draft (a small, strict reader of our own: the read-side mappings are not imported) --
 
-# The capsule vocabulary is the reader's own (medication.CAPSULE_UNITS / CAPSULE_CODES): what we write
+# Capsule units and day units are the reader's own (medication.is_capsule, DAY_UNITS): what we write
 # must read back the same way.
 _MG_UNITS = frozenset({"mg", "milligram", "milligrams"})
-_DAY_UNITS: Mapping[str, Decimal] = {
-    "d": Decimal(1),
-    "day": Decimal(1),
-    "days": Decimal(1),
-    "wk": Decimal(7),
-    "week": Decimal(7),
-    "weeks": Decimal(7),
-    "mo": Decimal(30),
-    "month": Decimal(30),
-    "months": Decimal(30),
-    "h": Decimal(1) / 24,
-    "hour": Decimal(1) / 24,
-    "hours": Decimal(1) / 24,
-}
-"""expectedSupplyDuration units in days, as the reader converts them (DECISIONS "Supply")."""
 _CYCLES = (
     re.compile(
         r"days?\s*1\s*(?:-|–|—|to|through|thru)\s*(\d+)\s*(?:of|every|q)\s*(?:each|a|every|the)?\s*"
@@ -131,12 +116,8 @@ def _json_number(x: Decimal) -> int | float:
 
 
 def _is_capsule_quantity(q: Mapping[str, Any]) -> bool:
-    """The reader's test for a quantity in capsules (no unit and no code at all counts as capsules)."""
-    unit = str(q.get("unit") or "").strip().lower()
-    code = str(q.get("code") or "")
-    if code in CAPSULE_CODES or code.lower() in CAPSULE_UNITS:
-        return True
-    return unit in CAPSULE_UNITS or (not unit and not code)
+    """The reader's test for a quantity in capsules (`medication.is_capsule`)."""
+    return is_capsule(str(q.get("unit") or ""), str(q.get("code") or ""))
 
 
 def _unit_of(q: Mapping[str, Any]) -> str:
@@ -280,7 +261,7 @@ def _supply_days(dispense: Mapping[str, Any], dosing: _Dosing | str) -> Decimal 
     """The days' supply the order states: expectedSupplyDuration, else its quantity at the dose."""
     esd = dispense.get("expectedSupplyDuration")
     if isinstance(esd, dict) and esd.get("value") is not None:
-        factor = _DAY_UNITS.get(str(esd.get("code") or esd.get("unit") or "d").strip().lower())
+        factor = DAY_UNITS.get(str(esd.get("code") or esd.get("unit") or "d").strip().lower())
         value = _dec(esd.get("value"))
         return None if factor is None or value is None else value * factor
     q = dispense.get("quantity")
