@@ -26,6 +26,7 @@ import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.middleware.cors import CORSMiddleware
 
 from cds_hooks import auth
@@ -233,7 +234,7 @@ async def run_hook(state: State, service: CdsService, hook_request: Any) -> CdsR
     context = parse_context(hook_request, service.hook)
     if may_skip(hook_request, context):
         # Not an IMiD order: validated, answered at once, and the FHIR server is never called.
-        return _evaluate(state, service, hook_request)
+        return _evaluate(state, service, hook_request, context)
     drafts, _ = drafts_of(hook_request, context)
     prefetch = dict(hook_request.prefetch or {})
     missing = missing_keys(service.prefetch, prefetch)
@@ -249,10 +250,10 @@ async def run_hook(state: State, service: CdsService, hook_request: Any) -> CdsR
         if extra is not None:
             prefetch["_referenced"] = extra
     complete = hook_request.model_copy(update={"prefetch": prefetch})
-    return _evaluate(state, service, complete)
+    return _evaluate(state, service, complete, context)
 
 
-def _evaluate(state: State, service: CdsService, hook_request: Any) -> CdsResponse:
+def _evaluate(state: State, service: CdsService, hook_request: Any, context: BaseModel) -> CdsResponse:
     return evaluate_request(
         hook_request,
         now=state.now(),
@@ -260,4 +261,5 @@ def _evaluate(state: State, service: CdsService, hook_request: Any) -> CdsRespon
         config=state.config,
         service=service,
         smart_launch_url=state.smart,
+        context=context,
     )

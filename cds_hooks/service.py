@@ -135,6 +135,7 @@ def evaluate_request(
     expected_hook: str | None = None,
     service: CdsService | None = None,
     smart_launch_url: str | None = None,
+    context: BaseModel | None = None,
 ) -> CdsResponse:
     """The service's answer to one hook call whose prefetch is complete.
 
@@ -146,7 +147,8 @@ def evaluate_request(
     if service is not None:
         expected_hook = service.hook
         required = service.required_keys
-    context = parse_context(request, expected_hook)
+    if context is None:  # the HTTP app has already validated it (context is not changed by fetching)
+        context = parse_context(request, expected_hook)
     service = service or BY_HOOK[request.hook]
     patient_id: str = context.patientId  # type: ignore[attr-defined]
     drafts_raw, drafts_path = drafts_of(request, context)
