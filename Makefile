@@ -8,7 +8,7 @@ NOW ?= 2026-11-21T10:00:00-05:00
 TZ_CLINIC ?= America/New_York
 EXAMPLES := lenalidomide-adult-male-ongoing-clean frp-test-8-days-stale revlimid-kitchen-sink-many-problems
 
-FHIR_SERVER := tests/fhir_server
+FHIR_SERVER := sandbox/fhir_server
 FHIR_STAMP := $(FHIR_SERVER)/node_modules/.package-lock.json
 
 .PHONY: install run examples test lint typecheck unit bench clean
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The FHIR R4 test server (Medplum's engine, tests/fhir_server): npm packages, Node 22 pinned from npm.
+# The FHIR R4 test server (Medplum's engine, sandbox/fhir_server): npm packages, Node 22 pinned from npm.
 $(FHIR_STAMP): $(FHIR_SERVER)/package.json $(FHIR_SERVER)/package-lock.json
 	cd $(FHIR_SERVER) && npm ci --no-audit --no-fund
 	touch $(FHIR_STAMP)

@@ -1,1 +1,1 @@
-"""The service against real servers: the FHIR test server in tests/fhir_server (Node), later a database."""
+"""The service against real servers: the FHIR test server in sandbox/fhir_server (Node), later a database."""

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.fhir_server import FHIR_JSON, post_bundle, start_fhir_server
+from sandbox.fhir_engine import FHIR_JSON, post_bundle, start_fhir_server
 
 
 @pytest.fixture(scope="session")

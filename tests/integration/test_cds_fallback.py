@@ -1,4 +1,4 @@
-"""Prefetch fallback against a real FHIR R4 server (tests/fhir_server, Medplum's engine): whatever the EHR
+"""Prefetch fallback against a real FHIR R4 server (sandbox/fhir_server, Medplum's engine): whatever the EHR
 did not prefetch, the service fetches from ``fhirServer`` with ``fhirAuthorization.access_token``.
 
 Each scenario's prefetch (never its draft orders) is loaded into the FHIR server as a transaction of
@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from cds_hooks.services import BY_ID
+from sandbox.fhir_engine import FHIR_JSON, FhirServer, post_bundle, start_fhir_server
 from tests.support.cds_server import CdsServer, Clock, free_port, run_cds_server
 from tests.support.fhir_load import (
     Scenario,
@@ -30,7 +31,6 @@ from tests.support.fhir_load import (
     transaction,
     without_prefetch,
 )
-from tests.support.fhir_server import FHIR_JSON, FhirServer, post_bundle, start_fhir_server
 
 NY = "America/New_York"
 TOKEN = "tok"  # noqa: S105 (a test value)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.fhir_server import FHIR_JSON, FhirServerError, post_bundle, start_fhir_server
+from sandbox.fhir_engine import FHIR_JSON, FhirServerError, post_bundle, start_fhir_server
 
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"

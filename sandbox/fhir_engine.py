@@ -1,7 +1,8 @@
-"""Start and stop the FHIR R4 test server (tests/fhir_server: Medplum's FHIR engine in memory, run by Node).
+"""Start and stop the sandbox FHIR R4 server (sandbox/fhir_server: Medplum's FHIR engine in memory, run by Node).
 
-Test-only: the product never imports this. ``start_fhir_server()`` returns a running server whose ``base`` is the
-FHIR base URL (``http://127.0.0.1:PORT/fhir/R4``); use it as a context manager or call ``stop()``.
+The same engine serves the integration tests and the sandbox EHR of `make run`. The product never imports
+this. ``start_fhir_server()`` returns a running server whose ``base`` is the FHIR base URL
+(``http://127.0.0.1:PORT/fhir/R4``); use it as a context manager or call ``stop()``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-SERVER_DIR = Path(__file__).resolve().parents[1] / "fhir_server"
+SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
 PINNED_NODE = SERVER_DIR / "node_modules" / "node" / "bin" / "node"
 START_TIMEOUT_SECONDS = 20.0
 NPM_CI_TIMEOUT_SECONDS = 600.0
@@ -57,12 +58,12 @@ def _install_lock() -> Iterator[None]:
 
 
 def ensure_node_modules() -> None:
-    """Run ``npm ci`` in tests/fhir_server when node_modules is missing or older than package-lock.json."""
+    """Run ``npm ci`` in sandbox/fhir_server when node_modules is missing or older than package-lock.json."""
     if _node_modules_current():
         return
     npm = shutil.which("npm")
     if npm is None:
-        raise FhirServerError("npm is not on PATH: it is needed once to install tests/fhir_server (npm ci)")
+        raise FhirServerError("npm is not on PATH: it is needed once to install sandbox/fhir_server (npm ci)")
     with _install_lock():
         if _node_modules_current():
             return
