@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 TokenAuth = Literal["none", "client_secret_basic", "private_key_jwt"]
 
@@ -76,3 +76,21 @@ class SandboxConfig:
 
     def client(self, client_id: str) -> SmartClient | None:
         return next((c for c in self.clients if c.client_id == client_id), None)
+
+
+class Launches(Protocol):
+    """Where the EHR pages register an EHR launch (the authorization server implements it): the returned
+    opaque ``launch`` id goes to the app as ``?iss={fhir_base}&launch={id}`` and binds this context to the
+    authorization that follows. `user` is the ``fhirUser`` (``Practitioner/x``); `patient` a Patient id or
+    None for a user-level launch (the pharmacist's worklist)."""
+
+    def create_launch(
+        self,
+        *,
+        client_id: str,
+        user: str,
+        patient: str | None,
+        encounter: str | None = None,
+        need_patient_banner: bool = True,
+        app_context: str | None = None,
+    ) -> str: ...
