@@ -47,12 +47,10 @@ class CdsServer:
 
 
 @contextmanager
-def run_cds_server(clock: Clock | None = None, **settings: Any) -> Iterator[CdsServer]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    clock = clock or Clock()
-    settings.setdefault("public_base_url", base)  # the URL tests call is the service's own URL (JWT aud)
-    app = create_app(Settings(**settings), now=clock)
+def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
+    """Serve any ASGI app under uvicorn on a loopback port (free unless given), in a thread; yields
+    its base URL (``http://127.0.0.1:PORT``). Lifespan runs, as in production."""
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -60,10 +58,21 @@ def run_cds_server(clock: Clock | None = None, **settings: Any) -> Iterator[CdsS
     deadline = time.monotonic() + 20
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the CDS Hooks app did not start (see the log above)")
+            raise RuntimeError("the app did not start under uvicorn (see the log above)")
         time.sleep(0.02)
     try:
-        yield CdsServer(base, clock, app)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def run_cds_server(clock: Clock | None = None, **settings: Any) -> Iterator[CdsServer]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    clock = clock or Clock()
+    settings.setdefault("public_base_url", base)  # the URL tests call is the service's own URL (JWT aud)
+    app = create_app(Settings(**settings), now=clock)
+    with serve_app(app, port):
+        yield CdsServer(base, clock, app)
