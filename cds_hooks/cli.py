@@ -106,10 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept CDS calls without a signed JWT (local development only; logged loudly)",
     )
     sv.set_defaults(func=cmd_serve)
+    sub.add_parser(
+        "sandbox",
+        help="the sandbox EHR (a development tool): 'imid-rems sandbox --help'",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sandbox"]:
+        # The sandbox EHR is a development tool, not product code: loaded only when asked for.
+        from sandbox.cli import main as sandbox_main
+
+        return sandbox_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()

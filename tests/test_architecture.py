@@ -53,3 +53,19 @@ def test_walker_catches_an_outward_import(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     found = imported_modules("fake_domain")["fake_domain/bad.py"]
     assert found - set(sys.stdlib_module_names) == {"httpx", "fastapi"}
+
+
+@pytest.mark.parametrize("package", ["rems", "fhir_mappings", "cds_hooks", "smart_app"])
+def test_product_does_not_import_the_sandbox(package: str) -> None:
+    """The sandbox EHR is a development tool: the product never depends on it. The one exception is the
+    `imid-rems sandbox` command, which loads it lazily inside `cds_hooks.cli.main`."""
+    allowed = {"cds_hooks/cli.py"}
+    offenders = [f for f, n in imported_modules(package).items() if "sandbox" in n and f not in allowed]
+    assert offenders == []
+
+
+def test_cli_loads_the_sandbox_only_when_asked() -> None:
+    tree = ast.parse((ROOT / "cds_hooks" / "cli.py").read_text(encoding="utf-8"))
+    top_level = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert not any(isinstance(n, ast.ImportFrom) and (n.module or "").startswith("sandbox") for n in top_level)
+    assert "sandbox" in imported_modules("cds_hooks")["cds_hooks/cli.py"]  # the lazy import is still seen
