@@ -649,7 +649,7 @@ class SmartAuthServer:
     async def _choices(self, resource_type: str) -> list[tuple[str, str]]:
         """(value, label) options for the picker, read from the FHIR server; empty when it cannot be read."""
         try:
-            async with httpx.AsyncClient(timeout=10.0) as client:
+            async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
                 response = await client.get(
                     f"{self._config.fhir_upstream}/{resource_type}",
                     params={"_count": "200"},
@@ -674,7 +674,7 @@ class SmartAuthServer:
 
     async def _exists(self, reference: str) -> bool:
         try:
-            async with httpx.AsyncClient(timeout=10.0) as client:
+            async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
                 response = await client.get(
                     f"{self._config.fhir_upstream}/{reference}", headers={"Accept": "application/fhir+json"}
                 )

@@ -27,7 +27,7 @@ import pytest
 from fastapi import FastAPI
 
 from sandbox import gateway
-from sandbox.config import SandboxConfig, SmartClient, TokenAuth
+from sandbox.config import Launches, SandboxConfig, SmartClient, TokenAuth
 from sandbox.fhir_engine import FHIR_JSON, post_bundle, start_fhir_server
 from sandbox.smart_auth import JWT_BEARER, SmartAuthServer, TokenError
 from tests.support.cds_server import Clock, free_port, serve_app
@@ -390,16 +390,23 @@ def test_smart_configuration_is_served_under_the_fhir_base(sandbox: Sandbox, htt
 
 
 def test_ehr_launch_end_to_end(sandbox: Sandbox, http: httpx.Client) -> None:
+    launches: Launches = sandbox.auth  # what the EHR pages see, through the config's protocol
+    launch_id = launches.create_launch(
+        client_id=PUBLIC,
+        user=sandbox.practitioner,
+        patient=sandbox.patient,
+        encounter="enc-1",
+        app_context='{"order": "MedicationRequest/1"}',
+    )
+    assert sandbox.auth.launch_url(launch_id).startswith(LAUNCH_URL)
     launch_id = launch(
         sandbox,
         encounter="enc-1",
         app_context='{"order": "MedicationRequest/1"}',
         fhir_context=[f"MedicationRequest/{sandbox.medication_request}"],
     )
-    assert (
-        sandbox.auth.launch_url(launch_id)
-        == f"{LAUNCH_URL}?" + httpx.QueryParams({"iss": sandbox.fhir_base, "launch": launch_id}).__str__()
-    )
+    expected_url = f"{LAUNCH_URL}?" + str(httpx.QueryParams({"iss": sandbox.fhir_base, "launch": launch_id}))
+    assert sandbox.auth.launch_url(launch_id) == expected_url
     verifier, challenge = pkce()
     params = auth_params(sandbox, challenge, launch=launch_id, nonce="n-0S6_WzA2Mj")
     response = http.get(sandbox.authorize_url, params=params)
