@@ -18,6 +18,8 @@
    update must write such a resource (and an update or delete may only touch one), and conditional writes,
    batches/transactions and ``$operations`` are refused. Search results are filtered to what the scopes allow
    (an ``_include`` cannot smuggle in another patient's data). Batch and transaction entries are each checked.
+   Reference data outside the Patient compartment (`SHARED_TYPES`: Medication, Practitioner, Organization, ...)
+   is readable with a ``patient/`` scope for its type, without the patient check.
 
 Everything else passes through: query strings, bodies, ``If-Match``/``If-None-Exist``/``If-None-Match``/
 ``Prefer``/``Content-Type``, status codes, ``ETag``/``Location``. The upstream base URL is rewritten to
@@ -61,6 +63,12 @@ FORWARD_REQUEST_HEADERS: Final = (
 )
 FORWARD_RESPONSE_HEADERS: Final = ("content-type", "etag", "location", "content-location", "last-modified")
 PATIENT_REFERENCE_FIELDS: Final = ("subject", "patient", "beneficiary")
+SHARED_TYPES: Final = frozenset(
+    {"Medication", "Practitioner", "PractitionerRole", "Organization", "Location", "Substance", "HealthcareService"}
+)
+"""Types outside the Patient compartment (reference data, not anyone's chart): a ``patient/`` scope naming them
+(or ``*``) reads and searches them without the patient check, so an app can follow ``medicationReference`` or
+``requester``. Writing them still needs ``user/`` or ``system/`` scopes."""
 UPSTREAM_TIMEOUT_S: Final = 30.0
 REALM: Final = 'Bearer realm="sandbox-fhir"'
 
@@ -310,7 +318,8 @@ class Gateway:
         matches = grant.scopes.matching(interaction.interaction, interaction.resource_type, search)
         if not matches:
             raise _Forbidden(self._needed(grant, interaction))
-        patient_only = all(scope.context == "patient" for scope in matches)
+        shared = interaction.resource_type in SHARED_TYPES and interaction.kind in ("read", "search")
+        patient_only = not shared and all(scope.context == "patient" for scope in matches)
         if interaction.kind == "batch":
             self._check_batch(grant, body)
         elif patient_only:
@@ -425,7 +434,11 @@ class Gateway:
         )
         if any(scope.context != "patient" for scope in matches):
             return True
-        return bool(matches) and grant.patient is not None and belongs_to_patient(resource, grant.patient)
+        if not matches:
+            return False
+        if resource.get("resourceType") in SHARED_TYPES:
+            return True
+        return grant.patient is not None and belongs_to_patient(resource, grant.patient)
 
     def _filter_entries(
         self, grant: Grant, bundle: dict[str, Any], interaction: str, search: Sequence[tuple[str, str]]

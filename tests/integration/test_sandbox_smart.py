@@ -110,6 +110,8 @@ def _load(base: str) -> dict[str, Any]:
         (other, {"resourceType": "Patient", "name": [{"family": "Other", "given": ["Oscar"]}]}),
     ]
     resources += [(f"urn:uuid:{uuid.uuid4()}", observation(patient, day, practitioner)) for day in range(1, 6)]
+    # an own Observation whose performer is the *other* patient: an _include must not leak that Patient
+    resources[3][1]["performer"].append({"reference": other})
     resources.append((f"urn:uuid:{uuid.uuid4()}", observation(other, 7)))
     medication_request = {
         "resourceType": "MedicationRequest",
@@ -881,12 +883,32 @@ def test_patient_observation_scope_is_enforced(sandbox: Sandbox, http: httpx.Cli
 def test_included_resources_are_filtered_to_the_scopes(sandbox: Sandbox, http: httpx.Client) -> None:
     url = f"{sandbox.fhir_base}/Observation"
     params = {"patient": sandbox.patient, "code": TEST_CODE, "_include": "Observation:performer"}
-    patient_token = sandbox.auth.issue_token(CDS, "patient/*.rs", patient=sandbox.patient)["access_token"]
-    types = [r["resourceType"] for r in entry_resources(fhir_get(http, url, patient_token, **params).json())]
-    assert types.count("Observation") == 5 and "Practitioner" not in types
-    user_token = sandbox.auth.issue_token(CDS, "user/*.rs")["access_token"]
-    types = [r["resourceType"] for r in entry_resources(fhir_get(http, url, user_token, **params).json())]
-    assert types.count("Observation") == 5 and "Practitioner" in types
+
+    def included(scope: str, patient: str | None) -> list[str]:
+        access = sandbox.auth.issue_token(CDS, scope, patient=patient)["access_token"]
+        response = fhir_get(http, url, access, **params)
+        assert response.status_code == 200, response.text
+        found = [f"{r['resourceType']}/{r['id']}" for r in entry_resources(response.json())]
+        assert len([f for f in found if f.startswith("Observation/")]) == 5
+        return [f for f in found if not f.startswith("Observation/")]
+
+    other = f"Patient/{sandbox.other_patient}"
+    assert included("patient/Observation.rs", sandbox.patient) == []  # no scope for Practitioner or Patient
+    assert sorted(included("patient/*.rs", sandbox.patient)) == [sandbox.practitioner]  # shared, not the other
+    assert sorted(included("user/*.rs", None)) == sorted([other, sandbox.practitioner])
+
+
+def test_patient_scope_reads_shared_reference_data(sandbox: Sandbox, http: httpx.Client) -> None:
+    access = sandbox.auth.issue_token(CDS, "patient/*.rs", patient=sandbox.patient)["access_token"]
+    practitioner = fhir_get(http, f"{sandbox.fhir_base}/{sandbox.practitioner}", access)
+    assert practitioner.status_code == 200 and practitioner.json()["name"][0]["family"] == "Hematologist"
+    assert fhir_get(http, f"{sandbox.fhir_base}/Practitioner", access, name="Hematologist").status_code == 200
+    narrow = sandbox.auth.issue_token(CDS, "patient/Observation.rs", patient=sandbox.patient)["access_token"]
+    assert fhir_get(http, f"{sandbox.fhir_base}/{sandbox.practitioner}", narrow).status_code == 403
+    writer = sandbox.auth.issue_token(WRITER, "patient/*.cruds", patient=sandbox.patient)["access_token"]
+    headers = {"Authorization": f"Bearer {writer}", "Content-Type": FHIR_JSON}
+    made = http.post(f"{sandbox.fhir_base}/Practitioner", json={"resourceType": "Practitioner"}, headers=headers)
+    assert made.status_code == 403
 
 
 def test_user_scope_reaches_every_patient_but_only_reads(sandbox: Sandbox, http: httpx.Client) -> None:
