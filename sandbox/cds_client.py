@@ -59,7 +59,7 @@ _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _TYPE = re.compile(r"[A-Z][A-Za-z]+")
 _REFERENCE = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})")
 _PARAM_NAME = re.compile(r"[a-z][a-z0-9\-]*")
-_DATE_PREFIXED = re.compile(r"([a-z]{2})\d{4}")
+_DATE_PREFIXED = re.compile(r"([a-z]{2})\d{4}(-\d{2}(-\d{2}(T[0-9:.]+(Z|[+-]\d{2}:\d{2})?)?)?)?")
 _DATE_PREFIXES: Final = frozenset({"eq", "lt", "gt", "ge", "le"})
 _SPECIAL_PARAMS: Final = frozenset({"_id", "_count", "_sort", "_lastUpdated"})
 
@@ -115,7 +115,7 @@ def _check_query(query: str) -> None:
             raise TemplateError(f"parameter {name!r} is not a search parameter name")
         if modifier and modifier != "in":
             raise TemplateError(f"modifier :{modifier} is outside the prefetch query subset (only :in)")
-        prefixed = _DATE_PREFIXED.match(value)
+        prefixed = _DATE_PREFIXED.fullmatch(value)
         if prefixed and prefixed.group(1) not in _DATE_PREFIXES:
             raise TemplateError(f"date prefix {prefixed.group(1)!r} of {name!r} is outside eq, lt, gt, ge, le")
 
@@ -141,6 +141,8 @@ def render_template(template: str, context: Mapping[str, Any], user: str | None)
 
     if not isinstance(template, str) or not template.strip():
         raise TemplateError("the template is not a non-empty string")
+    # The query's shape is the template's own: checked with tokens standing in, so a value never decides it.
+    _check_query(urlsplit(_TOKEN.sub("TOKEN", template)).query)
     relative = _TOKEN.sub(fill, template)
     if "{{" in relative or "}}" in relative:
         raise TemplateError("unbalanced token delimiters")
@@ -155,7 +157,6 @@ def render_template(template: str, context: Mapping[str, Any], user: str | None)
             raise TemplateError("a read must be Type/id, without parameters")
     elif len(segments) != 1:
         raise TemplateError("only instance reads and type searches are in the prefetch query subset")
-    _check_query(parts.query)
     return relative
 
 

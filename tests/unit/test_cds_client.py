@@ -121,6 +121,17 @@ def test_templates_outside_the_query_subset_are_refused(template: str) -> None:
         render_template(template, CONTEXT, "PractitionerRole/role-1")
 
 
+def test_a_token_value_that_looks_like_a_date_prefix_is_still_a_value() -> None:
+    """Found by the corpus test: an id such as ``ce54667-pat-1`` is not a date with the prefix ``ce``."""
+    context = {"patientId": "ce54667-pat-1", "userId": "Practitioner/ne2026"}
+    assert render_template("Condition?patient={{context.patientId}}", context, None) == (
+        "Condition?patient=ce54667-pat-1"
+    )
+    assert render_template("PractitionerRole?practitioner={{userPractitionerId}}", context, "Practitioner/ne2026")
+    with pytest.raises(TemplateError):
+        render_template("Condition?onset-date=ne2026-01-01&patient={{context.patientId}}", context, None)
+
+
 def test_token_values_cannot_add_parameters_or_leave_the_path() -> None:
     context = {"patientId": "x&_include=*", "userId": "Practitioner/d"}
     assert render_template("Condition?patient={{context.patientId}}", context, None) == (
