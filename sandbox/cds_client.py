@@ -170,14 +170,19 @@ class _Skip(Exception):
 
 def fhir_authorization(token_response: Mapping[str, Any], subject: str) -> dict[str, Any]:
     """The CDS Hooks 2.0 ``fhirAuthorization`` object from an OAuth token response: ``access_token``,
-    ``token_type`` (Bearer), ``expires_in``, ``scope``, and ``subject`` = the CDS service's client id."""
-    return {
+    ``token_type`` (Bearer), ``expires_in``, ``scope``, ``subject`` = the CDS service's client id, and
+    ``patient`` when the token response names one (2.0 requires it with ``patient/`` scopes)."""
+    out = {
         "access_token": str(token_response["access_token"]),
         "token_type": "Bearer",
         "expires_in": int(token_response.get("expires_in", 300)),
         "scope": str(token_response.get("scope", "")),
         "subject": subject,
     }
+    patient = token_response.get("patient")
+    if isinstance(patient, str) and patient:
+        out["patient"] = patient
+    return out
 
 
 class CdsClient:

@@ -332,6 +332,12 @@ def test_call_signs_for_the_exact_service_url_and_sends_the_hook_request() -> No
     assert len(sent["hookInstance"]) == 36
 
 
+def test_fhir_authorization_names_the_patient_of_a_patient_token() -> None:
+    token = {"access_token": "at", "expires_in": 60, "scope": "patient/Observation.rs", "patient": "p-1"}
+    assert fhir_authorization(token, "svc")["patient"] == "p-1"
+    assert "patient" not in fhir_authorization({"access_token": "at", "scope": "user/Observation.rs"}, "svc")
+
+
 def test_call_without_prefetch_sends_no_prefetch_key_and_refuses_authorization_without_server() -> None:
     fake = FakeCds()
     cds = client(fake)
