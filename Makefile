@@ -11,7 +11,7 @@ EXAMPLES := lenalidomide-adult-male-ongoing-clean frp-test-8-days-stale revlimid
 FHIR_SERVER := sandbox/fhir_server
 FHIR_STAMP := $(FHIR_SERVER)/node_modules/.package-lock.json
 
-.PHONY: install run examples test lint typecheck unit bench clean
+.PHONY: install run serve examples test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,19 +20,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The FHIR R4 test server (Medplum's engine, sandbox/fhir_server): npm packages, Node 22 pinned from npm.
+# The FHIR engine of the sandbox and the tests (Medplum's, sandbox/fhir_server): npm packages, Node 22 pinned from npm.
 $(FHIR_STAMP): $(FHIR_SERVER)/package.json $(FHIR_SERVER)/package-lock.json
 	cd $(FHIR_SERVER) && npm ci --no-audit --no-fund
 	touch $(FHIR_STAMP)
 
-## run: the CDS Hooks service on http://127.0.0.1:8000 with its embedded defaults (SQLite file
-## imid-rems.sqlite, clinic zone = the machine's). JWT checks are switched OFF here, for local use only
-## (logged loudly); production sets IMID_REMS_CDS_CLIENTS and never passes --insecure-no-auth.
+## run: the whole local stack on a fresh machine: the FHIR engine with ~50 synthetic IMiD patients and the
+## scenario corpus, the sandbox EHR (SMART authorization server, launcher, CDS hooks page) on
+## http://$(HOST):$(SANDBOX_PORT)/ and the imid-rems service on http://$(HOST):$(PORT) (JWT checks on, trusting
+## the sandbox; SQLite file imid-rems.sqlite). Prints the one URL to open; Ctrl-C stops everything.
 HOST ?= 127.0.0.1
 PORT ?= 8000
-run: $(STAMP)
-	@echo "imid-rems CDS Hooks service: http://$(HOST):$(PORT)/cds-services   (Ctrl-C stops it)"
-	@echo "try: curl -s -X POST http://$(HOST):$(PORT)/cds-services/imid-rems-order-sign -H 'Content-Type: application/json' --data @tests/scenarios/frp-test-8-days-stale/request.json"
+SANDBOX_PORT ?= 8080
+PATIENTS ?= 50
+run: $(STAMP) $(FHIR_STAMP)
+	$(BIN)/imid-rems sandbox run --host $(HOST) --port $(SANDBOX_PORT) --service-port $(PORT) --patients $(PATIENTS)
+
+## serve: the CDS Hooks service alone, JWT checks OFF (local development only; logged loudly)
+serve: $(STAMP)
 	$(BIN)/imid-rems serve --host $(HOST) --port $(PORT) --insecure-no-auth
 
 ## examples: evaluate the example requests offline and print the CDS Hooks answers
