@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,8 @@ def service_process(host: str, port: int, env: dict[str, str]) -> Iterator[subpr
     if not _port_free(host, port):
         raise SandboxError(f"port {port} on {host} is taken: stop what uses it or pass --service-port")
     command = [sys.executable, "-m", "cds_hooks.cli", "serve", "--host", host, "--port", str(port)]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    # cwd: the invoking directory, so the default SQLite file (imid-rems.sqlite) lands where `make run` runs
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_port(host, port, process, "the imid-rems service")
         yield process
@@ -107,13 +109,20 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=5)
 
 
-def _watch(children: dict[str, subprocess.Popen[bytes]], stopping: threading.Event) -> None:
-    """Stop the stack (as Ctrl-C would) when a child dies on its own."""
+def _watch(
+    server: Any, banner: str, started: float, children: dict[str, subprocess.Popen[bytes]], stopping: threading.Event
+) -> None:
+    """Print the URL once the sandbox listens; then stop the stack (as Ctrl-C would) if a child dies."""
+    while not server.started and not stopping.wait(0.05):
+        pass
+    if server.started:
+        sys.stdout.write(banner.replace("is up:", f"is up ({time.monotonic() - started:.1f} s):"))
+        sys.stdout.flush()
     while not stopping.wait(0.5):
         for name, child in children.items():
             if child.poll() is not None:
                 sys.stderr.write(f"sandbox: {name} exited with code {child.returncode}; stopping everything\n")
-                os.kill(os.getpid(), signal.SIGINT)
+                server.should_exit = True
                 return
 
 
@@ -134,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down; everything is stopped by now
+        sys.stdout.write("imid-rems sandbox: stopped\n")
+        return 0
     except SandboxError as exc:
         sys.stderr.write(f"imid-rems sandbox: {exc}\n")
         return 1
@@ -174,21 +186,20 @@ def _run(args: argparse.Namespace) -> int:
         app = create_sandbox_app(config)
         env = service_env(sandbox_base=sandbox_base, service_base=service_base)
         with service_process(host, args.service_port, env) as service:
-            stopping = threading.Event()
-            watcher = threading.Thread(
-                target=_watch, args=({"the imid-rems service": service, "the FHIR engine": fhir.process}, stopping)
-            )
-            watcher.daemon = True
-            watcher.start()
-            sys.stdout.write(
+            config_ = uvicorn.Config(app, host=host, port=args.port, log_level="warning", access_log=False)
+            server = uvicorn.Server(config_)
+            banner = (
                 "\n"
-                f"  imid-rems sandbox is up ({time.monotonic() - started:.1f} s): open  {sandbox_base}/\n"
+                f"  imid-rems sandbox is up: open  {sandbox_base}/\n"
                 f"  ({args.patients} synthetic patients{'' if args.no_corpus else ' + the scenario corpus'}; "
                 f"imid-rems service at {service_base}/cds-services; Ctrl-C stops everything)\n\n"
             )
-            sys.stdout.flush()
+            stopping = threading.Event()
+            children = {"the imid-rems service": service, "the FHIR engine": fhir.process}
+            watcher = threading.Thread(target=_watch, args=(server, banner, started, children, stopping), daemon=True)
+            watcher.start()
             try:
-                uvicorn.run(app, host=host, port=args.port, log_level="warning", access_log=False)
+                server.run()  # in this thread: it handles Ctrl-C / SIGTERM and returns
             finally:
                 stopping.set()
     finally:
