@@ -139,16 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so every `finally` stops what it started."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # uvicorn handles Ctrl-C / SIGTERM itself, then restores this handler and re-raises the signal: with the
+    # default SIGTERM action the process would die there, leaving the FHIR engine and the service running.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down; everything is stopped by now
+    except (KeyboardInterrupt, _Terminated):  # everything this started is stopped by now
         sys.stdout.write("imid-rems sandbox: stopped\n")
         return 0
     except SandboxError as exc:
         sys.stderr.write(f"imid-rems sandbox: {exc}\n")
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:

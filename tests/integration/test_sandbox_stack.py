@@ -244,7 +244,35 @@ def _wait_for_line(process: subprocess.Popen[str], pattern: str, timeout: float)
     raise AssertionError(f"no line matching {pattern!r}; output so far:\n{''.join(seen)[-3000:]}")
 
 
-def test_sandbox_run_starts_everything_prints_one_url_and_ctrl_c_stops_all(tmp_path: Path) -> None:
+def _children_of(pid: int) -> set[int]:
+    """Every live descendant of `pid` (from /proc), the engine and the service among them."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    out: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - out
+        out |= frontier
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_sandbox_run_starts_everything_prints_one_url_and_a_signal_stops_all(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
     port, service_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("IMID_REMS_CDS_CLIENTS", None)
@@ -279,8 +307,11 @@ def test_sandbox_run_starts_everything_prints_one_url_and_ctrl_c_stops_all(tmp_p
         assert home.status_code == 200 and "/ehr/patients/" in home.text
         discovery = httpx.get(f"http://127.0.0.1:{service_port}/cds-services", timeout=10, trust_env=False)
         assert discovery.status_code == 401  # the service runs with JWT checks on
-        os.killpg(process.pid, signal.SIGINT)
+        children = _children_of(process.pid)
+        assert len(children) >= 2  # the FHIR engine and the service (and what they started)
+        os.kill(process.pid, stop_signal)
         assert process.wait(30) == 0
+        assert [c for c in children if _alive(c)] == []
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
