@@ -700,7 +700,8 @@ def _last_creatinine(rng: random.Random, p: _Profile, weight: float, male: bool)
     ones, whom it puts clearly beyond it (lenalidomide: CrCl 30-55 mL/min; pomalidomide: above 3.0)."""
     renal = "renal" in p.problems
     if p.drug is Drug.POMALIDOMIDE:
-        return round(rng.uniform(3.2, 4.6) if renal else rng.uniform(0.6, 1.5), 2)
+        high = CREATININE_REVIEW_ABOVE
+        return round(rng.uniform(high + 0.2, high + 1.6) if renal else rng.uniform(0.6, high / 2), 2)
     if p.drug is Drug.THALIDOMIDE or not p.category.is_adult:
         return round(rng.uniform(0.45, 1.2) if p.category.is_adult else rng.uniform(0.35, 0.7), 2)
     # Lenalidomide: creatinine from a target clearance (Cockcroft-Gault, the product's formula).

@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -24,7 +25,7 @@ from fhir_mappings.codes import default_codes
 from fhir_mappings.medication import AUTHORIZATION_SYSTEM, RISK_CATEGORY_EXTENSION
 from rems.config import default_config
 from rems.model import Drug, RiskCategory
-from sandbox import seed
+from sandbox import seed, seed_plan
 from sandbox.seed import BLOCK, CLEAN, PROBLEMS, STAFF, PatientPlan, generate, main, plan, write
 from tests.support.seed_charts import (
     charts_of,
@@ -265,6 +266,22 @@ def test_the_data_uses_the_codes_the_product_reads(sixty: list[Json]) -> None:
     assert {role_codes[r] for r in ("sb-role-onc1", "sb-role-onc2", "sb-role-onc3", "sb-role-heme1")} <= specialists
     assert role_codes["sb-role-peds1"] in specialists and role_codes["sb-role-im1"] not in specialists
     assert all(len(s.npi) == 10 and s.npi.isdigit() for s in STAFF)
+
+
+def test_the_planned_lab_values_steer_by_the_products_protocol() -> None:
+    """The generator keeps clean values clear of these thresholds and puts injected ones beyond them: they
+    must be the packaged protocol's (rems/data/protocol.toml)."""
+    protocol = default_config().protocol
+    for drug in Drug:
+        p = protocol[drug]
+        assert p.anc_hold_below == Decimal(str(seed_plan.ANC_HOLD[drug]))
+        assert p.cbc_intensive_weeks == seed_plan.CBC_INTENSIVE_WEEKS[drug]
+        held = seed_plan.PLATELET_HOLD.get(drug)
+        assert p.platelets_hold_below == (Decimal(str(held)) if held is not None else None)
+    assert protocol[Drug.LENALIDOMIDE].crcl_review_below == Decimal(str(seed_plan.CRCL_REVIEW_BELOW))
+    assert protocol[Drug.POMALIDOMIDE].creatinine_review_above == Decimal(str(seed_plan.CREATININE_REVIEW_ABOVE))
+    assert protocol[Drug.THALIDOMIDE].crcl_review_below is None
+    assert protocol[Drug.THALIDOMIDE].creatinine_review_above is None
 
 
 # --- the manifest agrees with the data ------------------------------------------------------------
