@@ -61,11 +61,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: in-process evaluation latency, then order-sign over HTTP next to a bare FastAPI endpoint
+## bench: in-process evaluation latency, order-sign over HTTP next to a bare FastAPI endpoint, seed generation
 ## (timing never gates the tests)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench_evaluate
 	$(BIN)/python -m tests.bench_http
+	$(BIN)/python -m tests.bench_seed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(FHIR_SERVER)/node_modules
