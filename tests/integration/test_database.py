@@ -26,6 +26,7 @@ from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from cds_hooks import db
+from cds_hooks import refill_store as _refill_store  # noqa: F401  (its tables are part of db.metadata)
 from cds_hooks.auth import ReplayCache
 from cds_hooks.db import FeedbackItem
 from tests.support import postgres
@@ -94,7 +95,7 @@ def test_migrate_creates_the_schema_and_is_idempotent(engines: Callable[[], Engi
     assert db.current_revision(engine) is None
     db.migrate(engine)
     db.migrate(engine)
-    assert db.current_revision(engine) == HEAD == "0001_jti_and_feedback"
+    assert db.current_revision(engine) == HEAD == "0002_refill_drafts"
     tables = set(inspect(engine).get_table_names())
     assert {"cds_jti", "cds_feedback", "alembic_version"} <= tables
     with engine.connect() as connection:
