@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
@@ -160,7 +161,6 @@ def test_migration_applies_from_r0001_keeping_data_and_downgrades(engines: Calla
         assert connection.execute(select(db.cds_jti.c.jti)).scalars().all() == ["j"]
     with engine.begin() as connection:
         command.downgrade(db.alembic_config(connection), "0001_jti_and_feedback")
-    engine.dispose()  # PostgreSQL: drop cached plans of the dropped tables
     tables = set(inspect(engine).get_table_names())
     assert not tables & {"refill_draft", "refill_check", "refill_audit"}
     assert "cds_jti" in tables
@@ -378,6 +378,32 @@ def test_write_outcomes_failed_then_written_once(engine: Engine) -> None:
     assert trail[3].after == {"status": "written", "written_reference": "MedicationRequest/new-1", "last_error": None}
 
 
+def test_two_writers_recording_the_same_result_at_once_write_it_once(
+    engines: Callable[[], Engine], engine: Engine
+) -> None:
+    """The original write and its retry both end in the conditional create's one MedicationRequest."""
+    draft = approvable(engine)
+    store.decide(engine, draft.id, expected_version=1, decision="approved", actor=PHARMACIST_A, now=NOW)
+    writers = [engines() for _ in range(3)]
+    results = all_at_once(
+        3,
+        lambda i: store.record_write(
+            writers[i], draft.id, written_reference="MedicationRequest/once", actor=f"writer-{i}", now=NOW
+        ),
+    )
+    assert {(r.status, r.written_reference) for r in results} == {("written", "MedicationRequest/once")}
+    assert [a.action for a in store.audit_trail(engine, draft.id)] == ["created", "approved", "written"]
+
+
+def test_unknown_drafts(engine: Engine) -> None:
+    assert store.get_draft(engine, "no-such-draft") is None
+    with pytest.raises(store.NotFound, match="no refill draft 'no-such-draft'"):
+        store.decide(engine, "no-such-draft", expected_version=1, decision="approved", actor="a", now=NOW)
+    with pytest.raises(store.NotFound):
+        store.record_write(engine, "no-such-draft", error="e", actor="a", now=NOW)
+    assert store.audit_trail(engine, "no-such-draft") == []
+
+
 # --- worklist and claims ----------------------------------------------------------------------------
 
 
@@ -419,6 +445,36 @@ def test_workers_claiming_at_once_never_share_a_draft(engines: Callable[[], Engi
         d.patient_id
         for d in store.claim_batch(engine, worker="w8", limit=2, now=NOW + timedelta(seconds=300), lease_s=60)
     ] == ["p00", "p01"]
+
+
+def test_a_claim_does_not_wait_for_drafts_another_transaction_holds(database_url: str, engine: Engine) -> None:
+    """PostgreSQL: rows locked by another worker's open transaction are skipped (SKIP LOCKED), not waited
+    for (lock_timeout turns a wait into an error here). SQLite has one writer at a time: the claim waits
+    for the other transaction (busy_timeout) and then succeeds."""
+    for i in range(16):
+        store.upsert_draft(engine, new_draft(f"p{i:02}"), [CBC], now=NOW - timedelta(minutes=16 - i))
+    postgresql = database_url.startswith("postgresql")
+    kwargs = {"connect_args": {"options": "-c lock_timeout=3000"}} if postgresql else {}
+    other = db.make_engine(database_url, **kwargs)
+    held = [f"p{i:02}" for i in range(8)]
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        with engine.begin() as holding:
+            holding.execute(
+                select(store.refill_draft.c.id).where(store.refill_draft.c.patient_id.in_(held)).with_for_update()
+            ).all()
+            if postgresql:
+                batch = store.claim_batch(other, worker="w2", limit=8, now=NOW, lease_s=60)
+                assert sorted(d.patient_id for d in batch) == [f"p{i:02}" for i in range(8, 16)]
+            else:
+                waiting = pool.submit(store.claim_batch, other, worker="w2", limit=8, now=NOW, lease_s=60)
+                time.sleep(0.3)
+                assert not waiting.done()
+        if not postgresql:
+            assert sorted(d.patient_id for d in waiting.result(timeout=10)) == held
+    finally:
+        pool.shutdown(wait=True)
+        other.dispose()
 
 
 def test_a_claim_is_released_by_the_recheck_or_by_a_recorded_failure(engine: Engine) -> None:
