@@ -31,7 +31,8 @@ retried until `record_write` records where it landed.
 
 Concurrency:
 
-- Every content change bumps ``version``. `edit_draft` and `decide` take the version the user saw and
+- Every content change and every decision bumps ``version`` (claims, ``checked_at`` and the write's
+  outcome do not: they change nothing a pharmacist reviews). `edit_draft` and `decide` take the version the user saw and
   change the row only with ``WHERE version = :expected`` (and ``status = 'pending'``) in the same UPDATE,
   so of two pharmacists acting on one draft exactly one wins; the other gets `Conflict`, which names who
   changed the draft, how and when (from the audit trail).
@@ -479,8 +480,12 @@ def edit_draft(
                 after["checks"] = [c.as_json() for c in checks]
         if not after:
             return _load(conn, draft_id)
-        values: dict[str, Any] = {**wanted, "version": refill_draft.c.version + 1, "updated_at": now}
-        values |= {"updated_by": actor}
+        values: dict[str, Any] = {
+            **wanted,
+            "version": refill_draft.c.version + 1,
+            "updated_at": now,
+            "updated_by": actor,
+        }
         if "medication_request" in wanted:
             values["edited_at"] = now
         result = conn.execute(
@@ -492,7 +497,7 @@ def edit_draft(
             )
             .values(values)
         )
-        if result.rowcount != 1:  # pragma: no cover - the row is locked above; kept as a guard
+        if result.rowcount != 1:  # cannot happen while the row is locked above; a guard, not a code path
             _raise_conflict(conn, draft_id, expected_version, "was changed before your edit")
         if checks is not None:
             _replace_checks(conn, draft_id, checks)
