@@ -10,9 +10,7 @@ same database, so every race below is decided by the database, as between proces
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -29,57 +27,12 @@ from cds_hooks import db
 from cds_hooks import refill_store as _refill_store  # noqa: F401  (its tables are part of db.metadata)
 from cds_hooks.auth import ReplayCache
 from cds_hooks.db import FeedbackItem
-from tests.support import postgres
+from tests.support.threads import all_at_once
 
 T = TypeVar("T")
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=ZoneInfo("America/New_York"))
 ISS = "https://ehr.example.org/fhir"
 HEAD = ScriptDirectory.from_config(db.alembic_config()).get_current_head()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file, or a freshly created PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'service.sqlite'}"
-    else:
-        with postgres.fresh_database() as url:
-            yield url
-
-
-@pytest.fixture
-def engines(database_url: str) -> Iterator[Callable[[], Engine]]:
-    """Makes engines ("replicas") on the database; all are disposed after the test."""
-    made: list[Engine] = []
-
-    def make() -> Engine:
-        engine = db.make_engine(database_url)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.dispose()
-
-
-@pytest.fixture
-def engine(engines: Callable[[], Engine]) -> Engine:
-    """A migrated database."""
-    e = engines()
-    db.migrate(e)
-    return e
-
-
-def all_at_once(n: int, work: Callable[[int], T]) -> list[T]:
-    """Run ``work(0..n-1)`` in n threads released together by a barrier; results in order."""
-    barrier = threading.Barrier(n)
-
-    def go(i: int) -> T:
-        barrier.wait()
-        return work(i)
-
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(go, range(n)))
 
 
 def jti_rows(engine: Engine) -> int:

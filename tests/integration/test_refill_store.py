@@ -10,12 +10,10 @@ Every test that takes ``database_url`` runs twice: on a SQLite file and on a fre
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -29,57 +27,12 @@ from sqlalchemy.exc import DBAPIError
 from cds_hooks import db
 from cds_hooks import refill_store as store
 from cds_hooks.refill_store import Blocked, Check, Conflict, Draft, NewDraft
-from tests.support import postgres
+from tests.support.threads import all_at_once
 
 T = TypeVar("T")
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=ZoneInfo("America/New_York"))
 PHARMACIST_A = "PractitionerRole/pharm-a"
 PHARMACIST_B = "PractitionerRole/pharm-b"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file, or a freshly created PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'service.sqlite'}"
-    else:
-        with postgres.fresh_database() as url:
-            yield url
-
-
-@pytest.fixture
-def engines(database_url: str) -> Iterator[Callable[[], Engine]]:
-    """Makes engines ("replicas") on the database; all are disposed after the test."""
-    made: list[Engine] = []
-
-    def make() -> Engine:
-        engine = db.make_engine(database_url)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.dispose()
-
-
-@pytest.fixture
-def engine(engines: Callable[[], Engine]) -> Engine:
-    """A migrated database."""
-    e = engines()
-    db.migrate(e)
-    return e
-
-
-def all_at_once(n: int, work: Callable[[int], T]) -> list[T]:
-    """Run ``work(0..n-1)`` in n threads released together by a barrier; results in order."""
-    barrier = threading.Barrier(n)
-
-    def go(i: int) -> T:
-        barrier.wait()
-        return work(i)
-
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(go, range(n)))
 
 
 def outcome(call: Callable[[], Draft]) -> Draft | Conflict:
