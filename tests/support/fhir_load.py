@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cds_hooks.cards import CARD_SYSTEM, RULE_SYSTEM
+from sandbox.corpus import transaction  # PUT Type/id entries: ids and references stay as written
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 
@@ -96,22 +97,6 @@ def prefetch_resources(request: Mapping[str, Any], keys: Iterable[str] | None = 
         for resource in _resources(prefetch.get(key)):
             seen.setdefault(f"{resource['resourceType']}/{resource['id']}", copy.deepcopy(resource))
     return list(seen.values())
-
-
-def transaction(resources: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """A transaction Bundle that PUTs each resource at ``Type/id``, so the ids (and every reference
-    between the resources) stay what the scenario wrote."""
-    return {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {
-                "resource": dict(r),
-                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
-            }
-            for r in resources
-        ],
-    }
 
 
 def chart_transaction(request: Mapping[str, Any]) -> dict[str, Any]:
