@@ -317,9 +317,21 @@ class Blocked(StoreError):
 # Operations
 
 
+Outcome = Literal["created", "changed", "unchanged", "frozen"]
+"""What `store_draft` did: inserted, re-checked with changes, re-checked with none, or left a decided draft be."""
+
+
 def upsert_draft(
     engine: Engine, draft: NewDraft, checks: Sequence[Check], *, actor: str = SCAN_ACTOR, now: datetime
 ) -> tuple[Draft, bool]:
+    """`store_draft`, returning (draft, whether it was created)."""
+    stored, outcome = store_draft(engine, draft, checks, actor=actor, now=now)
+    return stored, outcome == "created"
+
+
+def store_draft(
+    engine: Engine, draft: NewDraft, checks: Sequence[Check], *, actor: str = SCAN_ACTOR, now: datetime
+) -> tuple[Draft, Outcome]:
     """Store what the scan drafted for (``draft.patient_id``, ``draft.prior_order``); returns the stored
     draft and whether it was created.
 
@@ -367,7 +379,7 @@ def upsert_draft(
             _replace_checks(conn, new_id, checks)
             after = _snapshot(row, checks)
             _audit(conn, new_id, now, actor, "created", None, after)
-            return _load(conn, new_id), True
+            return _load(conn, new_id), "created"
 
         current = (
             conn.execute(
@@ -380,7 +392,7 @@ def upsert_draft(
         )
         draft_id = str(current["id"])
         if current["status"] != "pending":
-            return _load(conn, draft_id), False
+            return _load(conn, draft_id), "frozen"
         wanted: dict[str, Any] = {
             "drug": draft.drug,
             "days_left": draft.days_left,
@@ -399,7 +411,7 @@ def upsert_draft(
         housekeeping = {"checked_at": now, "claimed_by": None, "claimed_until": None, "last_error": None}
         if not after:
             conn.execute(update(refill_draft).where(refill_draft.c.id == draft_id).values(housekeeping))
-            return _load(conn, draft_id), False
+            return _load(conn, draft_id), "unchanged"
         conn.execute(
             update(refill_draft)
             .where(refill_draft.c.id == draft_id)
@@ -413,7 +425,7 @@ def upsert_draft(
         )
         _replace_checks(conn, draft_id, checks)
         _audit(conn, draft_id, now, actor, "rechecked", before, after)
-        return _load(conn, draft_id), False
+        return _load(conn, draft_id), "changed"
 
 
 def get_draft(engine: Engine, draft_id: str) -> Draft | None:
@@ -667,6 +679,109 @@ def release_claim(
         if error is not None:
             _audit(conn, draft_id, now, actor, "check-failed", None, {"last_error": error}, None)
         return True
+
+
+def find_draft(engine: Engine, patient_id: str, prior_order: str) -> Draft | None:
+    """The draft continuing `prior_order` for `patient_id`, or None."""
+    with engine.connect() as conn:
+        row = (
+            conn.execute(
+                select(refill_draft).where(
+                    refill_draft.c.patient_id == patient_id, refill_draft.c.prior_order == prior_order
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        return _draft(row, _checks(conn, [str(row["id"])])[str(row["id"])])
+
+
+def record_check_error(engine: Engine, patient_id: str, error: str, *, now: datetime, actor: str = SCAN_ACTOR) -> int:
+    """A re-check of `patient_id`'s drafts failed (FHIR server down, chart unreadable): record `error` in
+    ``last_error`` of each of their ``pending`` drafts (audit ``check-failed``) and change nothing else.
+    Returns how many drafts got it. The same error twice in a row is not audited again."""
+    _aware(now)
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(refill_draft.c.id, refill_draft.c.last_error).where(
+                refill_draft.c.patient_id == patient_id, refill_draft.c.status == "pending"
+            )
+        ).all()
+        for draft_id, last in rows:
+            if last == error:
+                continue
+            conn.execute(update(refill_draft).where(refill_draft.c.id == draft_id).values(last_error=error))
+            _audit(conn, draft_id, now, actor, "check-failed", {"last_error": last}, {"last_error": error}, None)
+        return len(rows)
+
+
+def set_error(engine: Engine, draft_id: str, error: str | None, *, actor: str, now: datetime) -> Draft:
+    """Record (or clear, with None) the last error of a draft's check or write without changing its
+    content or version; audit ``check-failed`` when set."""
+    _aware(now)
+    with engine.begin() as conn:
+        current = _locked(conn, draft_id)
+        if current["last_error"] != error:
+            conn.execute(update(refill_draft).where(refill_draft.c.id == draft_id).values(last_error=error))
+            if error is not None:
+                before = {"last_error": current["last_error"]}
+                _audit(conn, draft_id, now, actor, "check-failed", before, {"last_error": error})
+        return _load(conn, draft_id)
+
+
+def _withdraw(conn: Connection, row: Any, now: datetime, reason: str) -> bool:
+    result = conn.execute(
+        update(refill_draft)
+        .where(refill_draft.c.id == row.id, refill_draft.c.status == "pending", refill_draft.c.version == row.version)
+        .values(
+            status="rejected",
+            version=row.version + 1,
+            updated_at=now,
+            updated_by=SCAN_ACTOR,
+            decided_by=SCAN_ACTOR,
+            decided_at=now,
+            decision_reason=reason,
+            claimed_by=None,
+            claimed_until=None,
+        )
+    )
+    if result.rowcount != 1:
+        return False
+    before = {"status": "pending", "version": row.version}
+    after = {"status": "rejected", "version": row.version + 1}
+    _audit(conn, row.id, now, SCAN_ACTOR, "withdrawn", before, after, reason)
+    return True
+
+
+def withdraw_superseded(engine: Engine, patient_id: str, *, current: Iterable[str], now: datetime, reason: str) -> int:
+    """Reject (as ``system:scan``, audit ``withdrawn``) the patient's ``pending`` drafts whose prior order is
+    not in `current` (the orders that are now the patient's active ones). A draft a pharmacist changed at
+    the same moment is left for the next scan. Returns how many were withdrawn."""
+    _aware(now)
+    keep = set(current)
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(refill_draft.c.id, refill_draft.c.version, refill_draft.c.prior_order).where(
+                refill_draft.c.patient_id == patient_id, refill_draft.c.status == "pending"
+            )
+        ).all()
+        stale = [row for row in rows if row.prior_order not in keep]
+        return sum(1 for row in stale if _withdraw(conn, row, now, f"{row.prior_order} {reason}"))
+
+
+def withdraw_unseen(engine: Engine, seen: set[str], *, now: datetime, reason: str) -> int:
+    """After a complete scan: reject the ``pending`` drafts of patients the scan did not find (no active
+    IMiD order any more). Returns how many."""
+    _aware(now)
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(refill_draft.c.id, refill_draft.c.version, refill_draft.c.patient_id).where(
+                refill_draft.c.status == "pending"
+            )
+        ).all()
+        return sum(1 for row in rows if row.patient_id not in seen and _withdraw(conn, row, now, reason))
 
 
 def audit_trail(engine: Engine, draft_id: str) -> list[AuditEntry]:
