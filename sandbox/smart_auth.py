@@ -25,6 +25,9 @@ What it serves (`SmartAuthServer.router()`; URLs from `SandboxConfig`, never fro
   RS384 or ES384, ``kid`` from the client's ``jwks`` or ``jwks_url``, ``aud`` = the token endpoint, ``exp`` at
   most 5 minutes ahead, ``jti`` never seen before). Errors are RFC 6749 JSON; every answer is
   ``Cache-Control: no-store``.
+- ``POST /auth/introspect`` — OAuth 2.0 Token Introspection (RFC 7662, as SMART App Launch 2.2's "Token
+  Introspection" page profiles it); see `SmartAuthServer.introspect` for the answer and
+  `SmartAuthServer._introspection_caller` for who may ask. Advertised as ``introspection_endpoint``.
 - ``GET /auth/jwks`` — the public key that signs ``id_token`` s (RS256, as OpenID Connect and SMART's
   ``sso-openid-connect`` require); ``GET /auth/.well-known/openid-configuration`` — OIDC discovery for that
   ``issuer`` (``{base_url}/auth``).
@@ -79,6 +82,9 @@ KEY_FILE: Final = "smart-auth-signing-key.pem"
 ID_TOKEN_ALGORITHM: Final = "RS256"  # noqa: S105 (an algorithm name)
 NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 REFRESH_SCOPES: Final = ("offline_access", "online_access")
+# RFC 8414 §2: client authentication methods, or access token types (a bearer access token of a confidential client)
+INTROSPECTION_AUTH_METHODS: Final = ("client_secret_basic", "private_key_jwt", "Bearer")
+INTROSPECTION_CHALLENGE: Final = 'Basic realm="sandbox-introspection", Bearer realm="sandbox-introspection"'
 
 _PKCE_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 _PKCE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
@@ -130,16 +136,17 @@ class TokenError(Exception):
 class OAuthError(Exception):
     """An RFC 6749 error answer: ``error`` code, human ``description``, HTTP status (401 for ``invalid_client``)."""
 
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
+    def __init__(self, error: str, description: str, status: int = 400, challenge: str | None = None) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
         self.status = status
+        self.challenge = challenge
 
     def response(self) -> JSONResponse:
         headers = {**NO_STORE, **cors_headers()}
         if self.status == 401:
-            headers["WWW-Authenticate"] = 'Basic realm="sandbox-token-endpoint"'
+            headers["WWW-Authenticate"] = self.challenge or 'Basic realm="sandbox-token-endpoint"'
         return JSONResponse(
             {"error": self.error, "error_description": self.description}, status_code=self.status, headers=headers
         )
@@ -151,6 +158,16 @@ def _auth_method(client: SmartClient) -> str:
 
 def _invalid_client(description: str) -> OAuthError:
     return OAuthError("invalid_client", description, 401)
+
+
+def _invalid_token(description: str) -> OAuthError:
+    challenge = f'Bearer realm="sandbox-introspection", error="invalid_token", error_description="{description}"'
+    return OAuthError("invalid_token", description, 401, challenge)
+
+
+def _may_introspect(client: SmartClient) -> bool:
+    """Confidential clients (a secret or a key) may introspect; public clients, who prove nothing, may not."""
+    return _auth_method(client) in ("client_secret_basic", "private_key_jwt")
 
 
 @dataclass(frozen=True)
@@ -227,6 +244,7 @@ class _Token:
     client_id: str
     scopes: Scopes
     context: _Context
+    issued_at: datetime
     expires_at: datetime
     family: str | None
     revoked: bool = False
@@ -364,8 +382,14 @@ class SmartAuthServer:
 
     @property
     def token_endpoint(self) -> str:
-        """The token endpoint's URL: also the only ``aud`` a client assertion may carry."""
+        """The token endpoint's URL: also the ``aud`` a client assertion carries (the introspection endpoint also
+        accepts its own URL)."""
         return f"{self._config.base_url}/auth/token"
+
+    @property
+    def introspection_endpoint(self) -> str:
+        """The token introspection endpoint's URL (RFC 7662)."""
+        return f"{self._config.base_url}/auth/introspect"
 
     @property
     def jwks_uri(self) -> str:
@@ -474,6 +498,38 @@ class SmartAuthServer:
             encounter=record.context.encounter,
         )
 
+    def introspect(self, token: str) -> dict[str, Any]:
+        """The RFC 7662 §2.2 introspection answer for `token`, at ``config.now()``.
+
+        An access token that is known, unrevoked and unexpired is ``active``, with SMART's required fields
+        ``scope`` (as granted: narrowed by a refresh if it was), ``client_id`` (the client it was issued to) and
+        ``exp`` (epoch seconds, = issue time + ``expires_in``); ``iat``, ``token_type`` (``Bearer``), ``iss`` (this
+        server's issuer, the ``iss`` of its id_tokens), ``sub`` (the ``fhirUser`` when the grant has a user — the
+        id_token's ``sub`` when one was issued — else the ``client_id``) and ``aud`` (the FHIR base); and the launch
+        context the token response carried: ``patient``, ``encounter``, ``fhirUser``, ``need_patient_banner``,
+        ``smart_style_url``, ``fhirContext``, ``appContext`` when present.
+
+        Everything else — unknown, expired or revoked tokens, and refresh tokens (only access tokens are
+        introspected here; RFC 7662 lets a server decline the rest) — is ``{"active": false}`` and nothing more,
+        so an answer never says which of these it was."""
+        with self._lock:
+            record = self._state.tokens.get(token)
+            usable = record is not None and record.kind == "access" and not record.revoked
+        if record is None or not usable or self._now() >= record.expires_at:
+            return {"active": False}
+        body: dict[str, Any] = {
+            "active": True,
+            "scope": record.scopes.text,
+            "client_id": record.client_id,
+            "exp": int(record.expires_at.timestamp()),
+            "iat": int(record.issued_at.timestamp()),
+            "token_type": "Bearer",
+            "iss": self.issuer,
+            "sub": record.context.user or record.client_id,
+            "aud": self._config.fhir_base,
+        }
+        return {**body, **_context_fields(record.context)}
+
     def revoke(self, token: str) -> None:
         """Revoke an access or refresh token (unknown tokens are ignored)."""
         with self._lock:
@@ -496,6 +552,9 @@ class SmartAuthServer:
             "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
+            "introspection_endpoint": self.introspection_endpoint,
+            "introspection_endpoint_auth_methods_supported": list(INTROSPECTION_AUTH_METHODS),
+            "introspection_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
             "scopes_supported": list(SCOPES_SUPPORTED),
             "response_types_supported": ["code"],
             "code_challenge_methods_supported": ["S256"],
@@ -510,6 +569,7 @@ class SmartAuthServer:
             "issuer": self.issuer,
             "authorization_endpoint": self.authorization_endpoint,
             "token_endpoint": self.token_endpoint,
+            "introspection_endpoint": self.introspection_endpoint,
             "jwks_uri": self.jwks_uri,
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
@@ -528,8 +588,8 @@ class SmartAuthServer:
     # --- HTTP ---------------------------------------------------------------------------------------------------
 
     def router(self) -> APIRouter:
-        """The routes: discovery under the FHIR base, ``/auth/authorize``, ``/auth/token``, ``/auth/jwks`` and
-        OIDC discovery (paths carry the base URL's path, if it has one)."""
+        """The routes: discovery under the FHIR base, ``/auth/authorize``, ``/auth/token``, ``/auth/introspect``,
+        ``/auth/jwks`` and OIDC discovery (paths carry the base URL's path, if it has one)."""
         router = APIRouter()
         smart_config = f"{self._fhir_path}/.well-known/smart-configuration"
         auth = f"{self._prefix}/auth"
@@ -551,6 +611,7 @@ class SmartAuthServer:
         router.add_api_route(f"{auth}/jwks", jwks, methods=["GET"])
         router.add_api_route(f"{auth}/authorize", self._authorize_endpoint, methods=["GET", "POST"])
         router.add_api_route(f"{auth}/token", self._token_endpoint, methods=["POST"])
+        router.add_api_route(f"{auth}/introspect", self._introspection_endpoint, methods=["POST"])
         for path in (smart_config, f"{auth}/token", f"{auth}/jwks", f"{auth}/.well-known/openid-configuration"):
             router.add_api_route(path, options, methods=["OPTIONS"], include_in_schema=False)
         return router
@@ -759,8 +820,66 @@ class SmartAuthServer:
             return error.response()
         return JSONResponse(body, headers={**NO_STORE, **cors_headers()})
 
-    async def _authenticate(self, request: Request, form: dict[str, str]) -> tuple[SmartClient, str]:
-        """The client this token request comes from, authenticated by its registered method."""
+    # --- /auth/introspect ---------------------------------------------------------------------------------------
+
+    async def _introspection_endpoint(self, request: Request) -> Response:
+        """``POST /auth/introspect``: form ``token=...`` (``token_type_hint`` is accepted and ignored), from a
+        caller `_introspection_caller` accepts. 200 with `introspect`'s answer; 400 ``invalid_request`` for a body
+        that is not a form, repeated parameters or no ``token``; 401 ``invalid_client`` / ``invalid_token`` for a
+        caller who may not ask. Every answer is ``Cache-Control: no-store``; no CORS (servers call this)."""
+        try:
+            if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+                raise OAuthError(
+                    "invalid_request", "the introspection request must be application/x-www-form-urlencoded"
+                )
+            form, repeated = _single_values(_form_pairs(await request.body()))
+            if repeated:
+                raise OAuthError("invalid_request", f"parameters sent more than once: {', '.join(repeated)}")
+            await self._introspection_caller(request, form)
+            value = form.get("token", "")
+            if not value:
+                raise OAuthError("invalid_request", "token is required")
+        except OAuthError as error:
+            if error.error == "invalid_client":
+                error.challenge = INTROSPECTION_CHALLENGE
+            return error.response()
+        return JSONResponse(self.introspect(value), headers=NO_STORE)
+
+    async def _introspection_caller(self, request: Request, form: dict[str, str]) -> SmartClient:
+        """Who may introspect: a confidential client (its tokens can be any client's; SMART's "Authorization to
+        perform Token Introspection"). It proves itself in one of two ways:
+
+        - client authentication, as at the token endpoint: ``client_secret_basic``, or ``private_key_jwt``
+          (``client_assertion_type`` + ``client_assertion``, whose ``aud`` may be the token endpoint or the
+          introspection endpoint; a fresh ``jti`` each call). A public client (method ``none``), no credentials
+          or bad ones: 401 ``invalid_client``.
+        - ``Authorization: Bearer <access token>``, which SMART requires an introspection endpoint with access
+          control to accept: an active access token issued to a confidential client (SMART names no scope for
+          introspection, so "appropriately scoped" is read as "issued to a client allowed to introspect"). An
+          unknown, expired or revoked token, or one of a public client: 401 ``invalid_token``
+          (``WWW-Authenticate: Bearer``, RFC 7662 §2.3 / RFC 6750 §3). Bearer with a client assertion is 400."""
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            if "client_assertion" in form or "client_assertion_type" in form:
+                raise OAuthError("invalid_request", "authenticate with a bearer token or a client_assertion, not both")
+            try:
+                grant = self.check_access_token(bearer.strip())
+            except TokenError as exc:
+                raise _invalid_token(str(exc)) from exc
+            client = self._config.client(grant.client_id)
+            if client is None or not _may_introspect(client):
+                raise _invalid_token(f"tokens of public client {grant.client_id} may not introspect")
+            return client
+        client, _ = await self._authenticate(request, form, audiences=(self.introspection_endpoint,))
+        if not _may_introspect(client):
+            raise _invalid_client(f"public client {client.client_id} may not introspect tokens")
+        return client
+
+    async def _authenticate(
+        self, request: Request, form: dict[str, str], *, audiences: Sequence[str] = ()
+    ) -> tuple[SmartClient, str]:
+        """The client this request comes from, authenticated by its registered method, and that method. A client
+        assertion's ``aud`` must be the token endpoint or one of `audiences`."""
         authorization = request.headers.get("authorization", "")
         if authorization[:6].lower() == "basic ":
             try:
@@ -779,7 +898,7 @@ class SmartAuthServer:
         elif "client_assertion" in form or "client_assertion_type" in form:
             if form.get("client_assertion_type") != JWT_BEARER:
                 raise _invalid_client(f"client_assertion_type must be {JWT_BEARER}")
-            client = await self._verify_assertion(form.get("client_assertion", ""))
+            client = await self._verify_assertion(form.get("client_assertion", ""), audiences)
             method = "private_key_jwt"
         else:
             found = self._config.client(form.get("client_id", ""))
@@ -792,8 +911,10 @@ class SmartAuthServer:
             raise _invalid_client("client_id does not match the authenticated client")
         return client, method
 
-    async def _verify_assertion(self, assertion: str) -> SmartClient:
-        """RFC 7523 §3 and SMART's client-confidential-asymmetric rules; every failure is ``invalid_client``."""
+    async def _verify_assertion(self, assertion: str, audiences: Sequence[str] = ()) -> SmartClient:
+        """RFC 7523 §3 and SMART's client-confidential-asymmetric rules; every failure is ``invalid_client``. The
+        ``aud`` must be the token endpoint (or one of `audiences`, the URL of the endpoint being called)."""
+        accepted = [self.token_endpoint, *audiences]
         try:
             header = jwt.get_unverified_header(assertion)
             unverified = jwt.decode(assertion, options={"verify_signature": False})
@@ -827,7 +948,7 @@ class SmartAuthServer:
                 assertion,
                 key.key,
                 algorithms=[alg],
-                audience=self.token_endpoint,
+                audience=accepted,
                 issuer=client.client_id,
                 options={
                     "require": ["iss", "sub", "aud", "exp", "jti"],
@@ -837,7 +958,7 @@ class SmartAuthServer:
                 },
             )
         except jwt.InvalidAudienceError as exc:
-            raise _invalid_client(f"client_assertion aud must be the token endpoint {self.token_endpoint}") from exc
+            raise _invalid_client(f"client_assertion aud must be one of {', '.join(accepted)}") from exc
         except jwt.InvalidSignatureError as exc:
             raise _invalid_client(f"client_assertion signature does not verify with key {kid}") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
@@ -962,21 +1083,7 @@ class SmartAuthServer:
             body["refresh_token"] = self._store_token("refresh", client_id, scopes, context, refresh_s, family)
         if scopes.has("openid") and scopes.has("fhirUser") and context.user:
             body["id_token"] = self._id_token(client_id, context.user, lifetime, nonce)
-        if context.patient is not None:
-            body["patient"] = context.patient
-        if context.encounter is not None:
-            body["encounter"] = context.encounter
-        if context.user is not None:
-            body["fhirUser"] = context.user
-        if context.need_patient_banner is not None:
-            body["need_patient_banner"] = context.need_patient_banner
-        if context.smart_style_url is not None:
-            body["smart_style_url"] = context.smart_style_url
-        if context.fhir_context:
-            body["fhirContext"] = [{"reference": reference} for reference in context.fhir_context]
-        if context.app_context is not None:
-            body["appContext"] = context.app_context
-        return body
+        return {**body, **_context_fields(context)}
 
     def _id_token(self, client_id: str, user: str, lifetime: int, nonce: str | None) -> str:
         now = int(self._now().timestamp())
@@ -1004,8 +1111,9 @@ class SmartAuthServer:
         token = secrets.token_urlsafe(32)
         with self._lock:
             self._purge()
-            expires = self._now() + timedelta(seconds=lifetime_s)
-            self._state.tokens[token] = _Token(kind, client_id, scopes, context, expires, family)
+            now = self._now()
+            expires = now + timedelta(seconds=lifetime_s)
+            self._state.tokens[token] = _Token(kind, client_id, scopes, context, now, expires, family)
             if family is not None:
                 self._state.families.setdefault(family, set()).add(token)
         return token
@@ -1030,6 +1138,26 @@ class SmartAuthServer:
                 state.families[family] = alive
             else:
                 del state.families[family]
+
+
+def _context_fields(context: _Context) -> dict[str, Any]:
+    """The launch context as the token response carries it (and so, SMART says, the introspection response)."""
+    fields: dict[str, Any] = {}
+    if context.patient is not None:
+        fields["patient"] = context.patient
+    if context.encounter is not None:
+        fields["encounter"] = context.encounter
+    if context.user is not None:
+        fields["fhirUser"] = context.user
+    if context.need_patient_banner is not None:
+        fields["need_patient_banner"] = context.need_patient_banner
+    if context.smart_style_url is not None:
+        fields["smart_style_url"] = context.smart_style_url
+    if context.fhir_context:
+        fields["fhirContext"] = [{"reference": reference} for reference in context.fhir_context]
+    if context.app_context is not None:
+        fields["appContext"] = context.app_context
+    return fields
 
 
 def _with_query(url: str, params: dict[str, str]) -> str:
