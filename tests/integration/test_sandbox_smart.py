@@ -80,6 +80,10 @@ class Sandbox:
     def authorize_url(self) -> str:
         return f"{self.base}/auth/authorize"
 
+    @property
+    def introspect_url(self) -> str:
+        return f"{self.base}/auth/introspect"
+
 
 def _id_from_location(location: str) -> str:
     return location.split("/_history/")[0].rstrip("/").split("/")[-1]
@@ -340,6 +344,29 @@ def next_link(bundle: dict[str, Any]) -> str | None:
     return next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
 
 
+def introspect(http: httpx.Client, sb: Sandbox, value: str, **kwargs: Any) -> httpx.Response:
+    """POST /auth/introspect with ``token=value``; ``data`` in `kwargs` adds form fields, the rest go to httpx."""
+    data = {"token": value, **kwargs.pop("data", {})}
+    return http.post(sb.introspect_url, data=data, **kwargs)
+
+
+def backend_form(sb: Sandbox, key: SigningKey | None = None, **assertion_kwargs: Any) -> dict[str, str]:
+    """The form fields of a private_key_jwt caller: the backend service's assertion for the introspection endpoint."""
+    assertion_kwargs.setdefault("aud", sb.introspect_url)
+    signed = assertion(sb, key or sb.backend_ec, **assertion_kwargs)
+    return {"client_assertion_type": JWT_BEARER, "client_assertion": signed}
+
+
+def introspected(http: httpx.Client, sb: Sandbox, value: str, **data: str) -> dict[str, Any]:
+    """What the backend service (private_key_jwt) learns about `value`; the call must succeed."""
+    response = introspect(http, sb, value, data={**backend_form(sb), **data})
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    return body
+
+
 # --- discovery ---------------------------------------------------------------------------------------------------
 
 
@@ -353,6 +380,12 @@ def test_smart_configuration_is_served_under_the_fhir_base(sandbox: Sandbox, htt
     assert config["token_endpoint"] == f"{base}/auth/token"
     assert config["jwks_uri"] == f"{base}/auth/jwks"
     assert config["issuer"] == f"{base}/auth"
+    assert config["introspection_endpoint"] == f"{base}/auth/introspect"
+    assert set(config["introspection_endpoint_auth_methods_supported"]) == {
+        "client_secret_basic",
+        "private_key_jwt",
+        "Bearer",
+    }
     assert config["code_challenge_methods_supported"] == ["S256"]
     assert config["response_types_supported"] == ["code"]
     assert set(config["grant_types_supported"]) == {"authorization_code", "refresh_token", "client_credentials"}
@@ -821,6 +854,209 @@ def test_client_credentials_only_for_backend_clients_and_system_scopes(sandbox: 
     oauth_error(token(http, sandbox, basic, auth=(CONFIDENTIAL, SECRET)), 400, "unauthorized_client")
     user_scopes = client_credentials(http, sandbox, assertion(sandbox, sandbox.backend_ec), "patient/*.rs user/*.rs")
     oauth_error(user_scopes, 400, "invalid_scope")
+
+
+# --- token introspection (RFC 7662, SMART App Launch 2.2 "Token Introspection") -----------------------------------
+
+
+def test_advertised_introspection_endpoint_answers(sandbox: Sandbox, http: httpx.Client) -> None:
+    config = http.get(f"{sandbox.fhir_base}/.well-known/smart-configuration").json()
+    access = tokens(sandbox, http)["access_token"]
+    form = {"token": access, **backend_form(sandbox)}
+    response = http.post(config["introspection_endpoint"], data=form)
+    assert response.status_code == 200, response.text
+    assert response.json()["active"] is True
+    oidc = http.get(f"{config['issuer']}/.well-known/openid-configuration").json()
+    assert oidc["introspection_endpoint"] == config["introspection_endpoint"]
+
+
+def test_introspection_of_an_ehr_launch_token(sandbox: Sandbox, http: httpx.Client) -> None:
+    code, verifier = ehr_code(sandbox, http, launch=launch(sandbox, encounter="enc-1"))
+    body = exchange(http, sandbox, code, verifier).json()
+    now = sandbox.clock.now
+    answer = introspected(http, sandbox, body["access_token"])
+    assert answer == {
+        "active": True,
+        "scope": body["scope"],
+        "client_id": PUBLIC,
+        "exp": int((now + timedelta(seconds=body["expires_in"])).timestamp()),
+        "iat": int(now.timestamp()),
+        "token_type": BEARER,
+        "iss": f"{sandbox.base}/auth",
+        "sub": sandbox.practitioner,
+        "aud": sandbox.fhir_base,
+        "patient": sandbox.patient,
+        "encounter": "enc-1",
+        "fhirUser": sandbox.practitioner,
+        "need_patient_banner": True,
+        "smart_style_url": sandbox.config.smart_style_url,
+    }
+    assert set(answer["scope"].split()) == {"launch", "openid", "fhirUser", "patient/*.rs", "offline_access"}
+    # SMART: an id_token was issued, so its iss and sub are the introspection's
+    id_token = jwt.decode(body["id_token"], options={"verify_signature": False})
+    assert (answer["iss"], answer["sub"], answer["fhirUser"]) == (
+        id_token["iss"],
+        id_token["sub"],
+        id_token["fhirUser"],
+    )
+
+
+def test_introspection_of_other_grants(sandbox: Sandbox, http: httpx.Client) -> None:
+    first = tokens(sandbox, http)
+    refresh = {"grant_type": "refresh_token", "refresh_token": first["refresh_token"], "client_id": PUBLIC}
+    narrowed = token(http, sandbox, {**refresh, "scope": "patient/Observation.rs offline_access"}).json()
+    answer = introspected(http, sandbox, narrowed["access_token"])
+    assert answer["active"] is True and answer["scope"] == "patient/Observation.rs offline_access"
+    assert (answer["client_id"], answer["patient"], answer["sub"]) == (PUBLIC, sandbox.patient, sandbox.practitioner)
+
+    system = client_credentials(http, sandbox, assertion(sandbox, sandbox.backend_rsa), "system/Patient.rs").json()
+    answer = introspected(http, sandbox, system["access_token"])
+    assert (answer["active"], answer["client_id"], answer["sub"], answer["scope"]) == (
+        True,
+        BACKEND,
+        BACKEND,
+        "system/Patient.rs",
+    )
+    assert "patient" not in answer and "fhirUser" not in answer
+    assert answer["exp"] == int((sandbox.clock.now + timedelta(seconds=system["expires_in"])).timestamp())
+
+    cds = sandbox.auth.issue_token(CDS, "patient/Observation.rs", patient=sandbox.patient)
+    answer = introspected(http, sandbox, cds["access_token"])
+    assert (answer["client_id"], answer["sub"], answer["patient"]) == (CDS, CDS, sandbox.patient)
+
+
+def test_introspection_of_an_expired_token_is_inactive(sandbox: Sandbox, http: httpx.Client) -> None:
+    body = tokens(sandbox, http)
+    assert introspected(http, sandbox, body["access_token"])["active"] is True
+    sandbox.clock.now += timedelta(seconds=body["expires_in"] - 1)
+    assert introspected(http, sandbox, body["access_token"])["active"] is True
+    sandbox.clock.now += timedelta(seconds=2)
+    assert introspected(http, sandbox, body["access_token"]) == {"active": False}
+
+
+def test_introspection_of_revoked_tokens_is_inactive(sandbox: Sandbox, http: httpx.Client) -> None:
+    code, verifier = ehr_code(sandbox, http)
+    first = exchange(http, sandbox, code, verifier).json()
+    assert introspected(http, sandbox, first["access_token"])["active"] is True
+    oauth_error(exchange(http, sandbox, code, verifier), 400, "invalid_grant")  # the replay revokes what it issued
+    assert introspected(http, sandbox, first["access_token"]) == {"active": False}
+
+    other = tokens(sandbox, http)["access_token"]
+    assert introspected(http, sandbox, other)["active"] is True
+    sandbox.auth.revoke(other)
+    assert introspected(http, sandbox, other) == {"active": False}
+
+
+def test_introspection_of_unknown_and_refresh_tokens_is_inactive(sandbox: Sandbox, http: httpx.Client) -> None:
+    body = tokens(sandbox, http)
+    for value in ("not-a-token", secrets.token_urlsafe(32), body["access_token"] + "x"):
+        assert introspected(http, sandbox, value) == {"active": False}
+    # only access tokens are introspected: a live refresh token is inactive, whatever the hint says
+    assert introspected(http, sandbox, body["refresh_token"]) == {"active": False}
+    hinted = introspected(http, sandbox, body["refresh_token"], token_type_hint="refresh_token")  # noqa: S106 (a hint)
+    assert hinted == {"active": False}
+    refresh = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"], "client_id": PUBLIC}
+    assert token(http, sandbox, refresh).status_code == 200  # it was live all along
+
+
+def test_introspection_needs_an_authenticated_caller(sandbox: Sandbox, http: httpx.Client) -> None:
+    access = tokens(sandbox, http)["access_token"]
+    nobody = introspect(http, sandbox, access)
+    assert "client" in oauth_error(nobody, 401, "invalid_client")
+    assert "active" not in nobody.json()
+    challenge = nobody.headers["www-authenticate"]
+    assert challenge.startswith("Basic") and "Bearer" in challenge
+    public = introspect(http, sandbox, access, data={"client_id": PUBLIC})
+    assert "public client" in oauth_error(public, 401, "invalid_client")
+    claimed = introspect(http, sandbox, access, data={"client_id": BACKEND})
+    assert "must authenticate" in oauth_error(claimed, 401, "invalid_client")
+    garbage = introspect(http, sandbox, "not-a-token")
+    oauth_error(garbage, 401, "invalid_client")  # no answer about any token without authentication
+
+
+def test_introspection_refuses_a_wrong_client_secret(sandbox: Sandbox, http: httpx.Client) -> None:
+    access = tokens(sandbox, http)["access_token"]
+    wrong = introspect(http, sandbox, access, auth=(CONFIDENTIAL, "wrong-secret"))
+    oauth_error(wrong, 401, "invalid_client")
+    assert "active" not in wrong.json()
+    unregistered = introspect(http, sandbox, access, auth=("nobody", SECRET))
+    oauth_error(unregistered, 401, "invalid_client")
+    good = introspect(http, sandbox, access, auth=(CONFIDENTIAL, SECRET))
+    assert good.status_code == 200, good.text
+    assert good.json() == introspected(http, sandbox, access)  # the same answer, whoever asks
+
+
+def test_introspection_by_private_key_jwt(sandbox: Sandbox, http: httpx.Client) -> None:
+    access = tokens(sandbox, http)["access_token"]
+    for form in (
+        backend_form(sandbox),
+        backend_form(sandbox, sandbox.backend_rsa),
+        backend_form(sandbox, aud=sandbox.token_url),  # the token endpoint's audience is accepted too
+        backend_form(
+            sandbox, sandbox.asymmetric_key, client_id=ASYMMETRIC
+        ),  # any confidential client, not only backend
+    ):
+        response = introspect(http, sandbox, access, data=form)
+        assert response.status_code == 200, response.text
+        assert response.json()["active"] is True and response.json()["client_id"] == PUBLIC
+
+    bad = {
+        "signature": backend_form(sandbox, ec_key(sandbox.backend_ec.kid)),
+        "aud": backend_form(sandbox, aud=sandbox.fhir_base),
+        "expired": backend_form(sandbox, now=sandbox.clock.now - timedelta(minutes=10)),
+    }
+    for expected, form in bad.items():
+        assert expected in oauth_error(introspect(http, sandbox, access, data=form), 401, "invalid_client")
+    replayed = backend_form(sandbox)
+    assert introspect(http, sandbox, access, data=replayed).status_code == 200
+    again = introspect(http, sandbox, access, data=replayed)
+    assert "already used" in oauth_error(again, 401, "invalid_client")
+    # the introspection endpoint's audience is only for introspection, never for getting a token
+    for_introspection = assertion(sandbox, sandbox.backend_ec, aud=sandbox.introspect_url)
+    refused = client_credentials(http, sandbox, for_introspection, "system/Patient.rs")
+    assert "aud" in oauth_error(refused, 401, "invalid_client")
+
+
+def test_introspection_by_bearer_token(sandbox: Sandbox, http: httpx.Client) -> None:
+    access = tokens(sandbox, http)
+    system = client_credentials(http, sandbox, assertion(sandbox, sandbox.backend_ec), "system/Patient.rs").json()
+
+    def as_bearer(caller: str, **kwargs: Any) -> httpx.Response:
+        return introspect(
+            http, sandbox, access["access_token"], headers={"Authorization": f"Bearer {caller}"}, **kwargs
+        )
+
+    good = as_bearer(system["access_token"])
+    assert good.status_code == 200, good.text
+    assert good.json()["active"] is True and good.json()["fhirUser"] == sandbox.practitioner
+
+    def refused(response: httpx.Response, reason: str) -> None:
+        assert reason in oauth_error(response, 401, "invalid_token")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert 'error="invalid_token"' in response.headers["www-authenticate"]
+
+    refused(as_bearer(access["access_token"]), "public client")  # the app's own token may not introspect
+    refused(as_bearer("not-a-token"), "unknown")
+    both = as_bearer(system["access_token"], data=backend_form(sandbox))
+    oauth_error(both, 400, "invalid_request")
+    sandbox.clock.now += timedelta(seconds=system["expires_in"] + 1)
+    refused(as_bearer(system["access_token"]), "expired")
+
+
+def test_introspection_refuses_malformed_requests(sandbox: Sandbox, http: httpx.Client) -> None:
+    access = tokens(sandbox, http)["access_token"]
+    as_json = http.post(sandbox.introspect_url, json={"token": access}, auth=(CONFIDENTIAL, SECRET))
+    assert "x-www-form-urlencoded" in oauth_error(as_json, 400, "invalid_request")
+    missing = http.post(sandbox.introspect_url, data={"token_type_hint": "access_token"}, auth=(CONFIDENTIAL, SECRET))
+    assert "token" in oauth_error(missing, 400, "invalid_request")
+    twice = http.post(
+        sandbox.introspect_url,
+        content=f"token={access}&token=not-a-token",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        auth=(CONFIDENTIAL, SECRET),
+    )
+    assert "token" in oauth_error(twice, 400, "invalid_request")
+    assert http.get(sandbox.introspect_url, params={"token": access}).status_code == 405
 
 
 # --- scopes at the gateway ---------------------------------------------------------------------------------------
