@@ -14,6 +14,8 @@ hop); nothing is fetched for a non-IMiD order; the answer is serialised with orj
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -23,7 +25,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -31,44 +32,22 @@ from starlette.middleware.cors import CORSMiddleware
 
 from cds_hooks import auth
 from cds_hooks import feedback as fb
+from cds_hooks.backend_auth import BackendAuth, credentials_from_pem
 from cds_hooks.db import make_engine, migrate
+from cds_hooks.fhir_client import FhirClient
+from cds_hooks.http_json import error_response, json_response, read_json
 from cds_hooks.models import CdsResponse
 from cds_hooks.prefetch import FhirSource, check_fhir_server, fetch_missing, fetch_referenced, missing_keys
+from cds_hooks.refill_review import Introspector, ReviewError, ReviewService
+from cds_hooks.refill_scan import RefillScanner, ScanOptions
+from cds_hooks.review_api import error_response as review_error_response
+from cds_hooks.review_api import router as review_router
 from cds_hooks.service import check_request_drafts, drafts_of, evaluate_request, may_skip, parse_context, parse_request
 from cds_hooks.services import BY_ID, SERVICES, CdsService
 from cds_hooks.settings import Settings, get_settings
 from fhir_mappings import InvalidInput
 
 log = logging.getLogger("imid_rems.service")
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
-
-
-def error_response(exc: InvalidInput) -> Response:
-    return _json({"error": {"status": exc.status, "field": exc.path, "message": exc.message}}, exc.status)
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, read at most `limit` bytes (413 past it, whatever Content-Length claims)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InvalidInput("(body)", f"{declared} bytes; requests over {limit} bytes are refused", 413)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InvalidInput("(body)", f"over {limit} bytes; requests over {limit} bytes are refused", 413)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body:
-        raise InvalidInput("(body)", "empty; expected a JSON object")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput("(body)", f"malformed JSON: {exc}") from None
 
 
 class Authenticator:
@@ -120,6 +99,7 @@ class State:
         self.smart = settings.smart_launch_url
         self.http: httpx.AsyncClient | None = None
         self.auth: Authenticator | None = None
+        self.population: Population | None = None
         self._warned_at = 0.0
 
     def warn_unauthenticated(self, path: str) -> None:
@@ -128,6 +108,65 @@ class State:
         if moment - self._warned_at >= 60:
             self._warned_at = moment
             log.warning("unauthenticated CDS calls are being answered (auth is off), e.g. %s", path)
+
+
+class Population:
+    """The population side, when the EHR's FHIR server and our Backend Services client are configured: the
+    refill scan (periodic), the review API's service and its token introspection."""
+
+    def __init__(self, settings: Settings, state: State, http: httpx.AsyncClient) -> None:
+        assert settings.fhir_base_url and settings.backend_client_id and settings.backend_key_file  # noqa: S101
+        creds = credentials_from_pem(
+            settings.backend_key_file.read_bytes(), client_id=settings.backend_client_id, scope=settings.backend_scope
+        )
+        self.state = state
+        self.backend = BackendAuth(settings.fhir_base_url, creds, http)
+        self.fhir = FhirClient(settings.fhir_base_url, http, self.backend)
+        self.scanner = RefillScanner(
+            state.engine,
+            self.fhir,
+            zone=state.zone,
+            config=state.config,
+            options=ScanOptions(
+                horizon_days=settings.refill_horizon_days,
+                page_size=settings.refill_scan_page_size,
+                batch_size=settings.refill_scan_batch_size,
+                concurrency=settings.refill_scan_concurrency,
+            ),
+        )
+        self.review = ReviewService(
+            state.engine,
+            self.fhir,
+            self.scanner,
+            zone=state.zone,
+            config=state.config,
+            authorization_pattern=settings.authorization_pattern,
+            now=state.now,
+        )
+        self.introspector = Introspector(self.fhir, self.backend, http, ttl_s=settings.api_token_cache_s)
+
+    async def run_once(self) -> None:
+        await self.scanner.scan(self.state.now())
+        await self.review.retry_writes()
+
+    async def periodic(self, interval_s: float) -> None:
+        """Scan now, then every `interval_s`; a failed run is logged and the next one happens on time."""
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("refill scan failed; next run in %.0f s", interval_s)
+            await asyncio.sleep(max(1.0, interval_s - (time.monotonic() - started)))
+
+
+def build_population(settings: Settings, state: State, http: httpx.AsyncClient) -> Population | None:
+    if not (settings.fhir_base_url and settings.backend_client_id and settings.backend_key_file):
+        log.info("refill scan and review API off: IMID_REMS_FHIR_BASE_URL / BACKEND_CLIENT_ID / BACKEND_KEY_FILE unset")
+        return None
+    return Population(settings, state, http)
 
 
 def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] | None = None) -> FastAPI:
@@ -143,6 +182,10 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
         async with httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False) as client:
             state.http = client
             state.auth = build_authenticator(settings, state.engine, client)
+            state.population = build_population(settings, state, client)
+            job = None
+            if state.population is not None and settings.refill_scan_interval_s > 0:
+                job = asyncio.create_task(state.population.periodic(settings.refill_scan_interval_s))
             if state.auth is None:
                 log.warning(
                     "CDS Hooks authentication is OFF (IMID_REMS_CDS_AUTH=off / --insecure-no-auth): any caller "
@@ -152,7 +195,13 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
             # GC's young generations so collections during requests stay short (p99).
             gc.collect()
             gc.freeze()
-            yield
+            try:
+                yield
+            finally:
+                if job is not None:
+                    job.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await job
         state.engine.dispose()
 
     app = FastAPI(
@@ -184,6 +233,18 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
         iss: str = await state.auth.check(request.headers.get("authorization"), audience)
         return iss
 
+    @app.exception_handler(ReviewError)
+    async def _review(_: Request, exc: ReviewError) -> Response:
+        return review_error_response(exc)
+
+    app.include_router(
+        review_router(
+            lambda: state.population.review if state.population else None,
+            lambda: state.population.introspector if state.population else None,
+            now=state.now,
+        )
+    )
+
     @app.exception_handler(InvalidInput)
     async def _invalid(_: Request, exc: InvalidInput) -> Response:
         response = error_response(exc)
@@ -194,7 +255,7 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
     @app.get("/cds-services")
     async def discovery(request: Request) -> Response:
         await authenticate(request)
-        return _json({"services": [s.discovery() for s in SERVICES]})
+        return json_response({"services": [s.discovery() for s in SERVICES]})
 
     @app.post("/cds-services/{service_id}")
     async def call(service_id: str, request: Request) -> Response:
@@ -203,12 +264,12 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
         raw = await read_json(request, settings.max_body_bytes)
         hook_request = parse_request(raw)
         try:
-            return _json((await run_hook(state, service, hook_request)).to_json())
+            return json_response((await run_hook(state, service, hook_request)).to_json())
         except InvalidInput:
             raise
         except Exception:
             log.exception("hook failed: service=%s hookInstance=%s", service.id, hook_request.hookInstance)
-            return _json({"error": {"status": 500, "message": "internal error; nothing was checked"}}, 500)
+            return json_response({"error": {"status": 500, "message": "internal error; nothing was checked"}}, 500)
 
     @app.post("/cds-services/{service_id}/feedback")
     async def feedback(service_id: str, request: Request) -> Response:
@@ -217,7 +278,7 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
         raw = await read_json(request, settings.max_body_bytes)
         items = fb.parse_feedback(raw, service.id, client_iss, state.now())
         stored = fb.store(state.engine, items)
-        return _json({"stored": stored})
+        return json_response({"stored": stored})
 
     return app
 

@@ -11,6 +11,9 @@ fetch. Nothing here logs the assertion or the token.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +22,8 @@ from typing import Any
 
 import httpx
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 ASSERTION_LIFETIME_S = 240
 """Under the five minutes SMART allows, with room for clock skew."""
@@ -135,3 +140,29 @@ class BackendAuth:
     def forget(self) -> None:
         """Drop the cached token (after a 401 from the FHIR server, say)."""
         self._token = None
+
+
+def _b64url_uint(n: int, size: int | None = None) -> str:
+    raw = n.to_bytes(size or max(1, (n.bit_length() + 7) // 8), "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def credentials_from_pem(pem: bytes, *, client_id: str, scope: str) -> BackendCredentials:
+    """Credentials from a PEM private key: EC P-384 signs ES384, RSA signs RS384. The ``kid`` is the key's
+    RFC 7638 JWK thumbprint (what a JWKS published for it carries). Raises ValueError for other keys."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP384R1):
+            raise ValueError(f"the backend key must be EC P-384 (ES384) or RSA (RS384), not EC {key.curve.name}")
+        nums = key.public_key().public_numbers()
+        members = {"crv": "P-384", "kty": "EC", "x": _b64url_uint(nums.x, 48), "y": _b64url_uint(nums.y, 48)}
+        alg = "ES384"
+    elif isinstance(key, rsa.RSAPrivateKey):
+        rnums = key.public_key().public_numbers()
+        members = {"e": _b64url_uint(rnums.e), "kty": "RSA", "n": _b64url_uint(rnums.n)}
+        alg = "RS384"
+    else:
+        raise ValueError(f"the backend key must be EC P-384 (ES384) or RSA (RS384), not {type(key).__name__}")
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode("ascii")
+    kid = base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode("ascii")
+    return BackendCredentials(client_id=client_id, private_key=key, kid=kid, alg=alg, scope=scope)

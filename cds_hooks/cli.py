@@ -4,7 +4,14 @@
 response the service answers for a request: ``{"cards": [...]}``. Bad input exits 2 with a message
 that names the field; it never prints an empty answer for a request it could not read.
 
-``imid-rems serve [--host 127.0.0.1] [--port 8000] [--insecure-no-auth]`` runs the CDS Hooks service.
+``imid-rems serve [--host 127.0.0.1] [--port 8000] [--insecure-no-auth]`` runs the CDS Hooks service (and,
+when the EHR's FHIR server and our Backend Services client are configured, the periodic refill scan and the
+review API).
+
+``imid-rems refills scan [--horizon DAYS] [--now ISO]`` runs one refill scan (`cds_hooks.refill_scan`) with
+the same settings and prints its report as JSON. Exit 0: complete; 3: complete, but some charts could not be
+fetched or read (listed); 1: stopped early (the order listing failed; nothing was withdrawn); 2: bad
+configuration.
 """
 
 from __future__ import annotations
@@ -88,6 +95,47 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+EXIT_STOPPED = 1
+EXIT_SOME_FAILED = 3
+
+
+def cmd_refills_scan(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    import httpx
+
+    from cds_hooks.app import Population, State
+    from cds_hooks.db import migrate
+
+    if args.horizon is not None:
+        settings = Settings.model_validate({**settings.model_dump(), "refill_horizon_days": args.horizon})
+    if not (settings.fhir_base_url and settings.backend_client_id and settings.backend_key_file):
+        sys.stderr.write(
+            "imid-rems: error: set IMID_REMS_FHIR_BASE_URL, IMID_REMS_BACKEND_CLIENT_ID and "
+            "IMID_REMS_BACKEND_KEY_FILE (the EHR's FHIR server and our SMART Backend Services client)\n"
+        )
+        return EXIT_BAD_INPUT
+    now = _now(args.now)
+    state = State(settings, lambda: now)
+    migrate(state.engine)
+
+    async def run() -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(settings.fhir_timeout_s)) as http:
+            population = Population(settings, state, http)
+            report = await population.scanner.scan(now)
+            written = await population.review.retry_writes()
+            return {**report.as_json(), "writesRetried": written}
+
+    try:
+        result = asyncio.run(run())
+    finally:
+        state.engine.dispose()
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    if result["error"]:
+        return EXIT_STOPPED
+    return EXIT_SOME_FAILED if result["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imid-rems", description="IMiD REMS checks for EHRs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept CDS calls without a signed JWT (local development only; logged loudly)",
     )
     sv.set_defaults(func=cmd_serve)
+    refills = sub.add_parser("refills", help="pharmacist refill drafts")
+    refills_sub = refills.add_subparsers(dest="refills_command", required=True)
+    scan = refills_sub.add_parser("scan", help="draft the refills due now (one scan of the EHR's FHIR server)")
+    scan.add_argument("--horizon", type=int, help="draft when this many days or fewer are left (default 10)")
+    scan.add_argument("--now", help="the scan's clock, ISO 8601 with offset (default: now)")
+    scan.set_defaults(func=cmd_refills_scan)
     sub.add_parser(
         "sandbox",
         help="the sandbox EHR (a development tool): 'imid-rems sandbox --help'",

@@ -681,6 +681,16 @@ def release_claim(
         return True
 
 
+def counts(engine: Engine) -> dict[str, int]:
+    """How many drafts are in each status (every status listed, 0 included)."""
+    from sqlalchemy import func
+
+    with engine.connect() as conn:
+        rows = conn.execute(select(refill_draft.c.status, func.count()).group_by(refill_draft.c.status)).all()
+    found = {str(status): int(n) for status, n in rows}
+    return {status: found.get(status, 0) for status in STATUSES}
+
+
 def find_draft(engine: Engine, patient_id: str, prior_order: str) -> Draft | None:
     """The draft continuing `prior_order` for `patient_id`, or None."""
     with engine.connect() as conn:

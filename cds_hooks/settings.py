@@ -4,12 +4,13 @@ instance, so tests and commands build their own."""
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rems.config import Config, default_config, load_config
@@ -60,6 +61,42 @@ class Settings(BaseSettings):
     cors_origins: str = "*"
     """Comma-separated origins allowed to call from a browser (CDS clients running in a web page).
     ``*`` is safe here: calls carry a bearer JWT, never cookies, so CORS grants no ambient authority."""
+
+    fhir_base_url: str | None = None
+    """The EHR's FHIR R4 base for population work: the refill scan and approvals' write-back (SMART Backend
+    Services). None: no scan, and the review API answers 503."""
+    backend_client_id: str | None = None
+    """Our client id at the EHR's authorization server (Backend Services, ``private_key_jwt``)."""
+    backend_key_file: Path | None = None
+    """PEM private key of that client: EC P-384 (signs ES384) or RSA (RS384); ``kid`` = RFC 7638 thumbprint."""
+    backend_scope: str = (
+        "system/Patient.rs system/MedicationRequest.rs system/MedicationDispense.rs system/Observation.rs "
+        "system/Condition.rs system/Procedure.rs system/Appointment.rs system/Medication.rs "
+        "system/PractitionerRole.rs system/MedicationRequest.c system/Provenance.c"
+    )
+    """What the scan reads and the approval writes; nothing more."""
+    refill_horizon_days: int = Field(default=10, ge=1, le=28)
+    """Draft the next prescription when this many days of supply or fewer are left (the pharmacy may dispense
+    at 7)."""
+    refill_scan_interval_s: float = Field(default=3600.0, ge=0)
+    """Period of the scan inside ``imid-rems serve`` (0: no periodic scan). It runs only when
+    ``fhir_base_url`` and the backend client are configured."""
+    refill_scan_page_size: int = Field(default=500, ge=1, le=1000)
+    refill_scan_batch_size: int = Field(default=50, ge=1, le=200)
+    refill_scan_concurrency: int = Field(default=4, ge=1, le=32)
+    authorization_pattern: str = r"[0-9]{6,12}"
+    """What a REMS authorization number entered by a pharmacist must match (full match, after trimming)."""
+    api_token_cache_s: float = Field(default=60.0, ge=0)
+    """How long an introspected bearer token (and the user's pharmacist role) is trusted before asking again."""
+
+    @field_validator("authorization_pattern")
+    @classmethod
+    def _pattern_compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
 
     @field_validator("clinic_tz")
     @classmethod

@@ -629,3 +629,119 @@ def _tidy(text: str) -> str:
     text = re.sub(r"\s+([.,;:])", r"\1", text)
     text = re.sub(r"([.,;:])(?:\s*[.,;:])+", r"\1", text)
     return re.sub(r"^[\s.,;:]+", "", text).rstrip(" \t,;:")
+
+
+# --- Pharmacist edits of a drafted refill ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefillEdit:
+    """What a pharmacist changes on a drafted refill (None: unchanged). Values are checked by `edit_refill`."""
+
+    supply_days: int | None = None
+    quantity: Decimal | None = None
+    """Capsules to dispense."""
+    dose_mg: Decimal | None = None
+    """Capsule strength; must be a strength the code list knows for the drug (its RxNorm code is written)."""
+    note: str | None = None
+    authorization: str | None = None
+    category_code: str | None = None
+
+
+def edit_refill(
+    draft: Mapping[str, Any], edit: RefillEdit, *, strengths: Mapping[Decimal, tuple[str, str]] | None = None
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A copy of the drafted MedicationRequest with `edit` applied, and one sentence per change.
+
+    - ``supply_days`` (1-28) sets ``expectedSupplyDuration``; unless a quantity is given too, the capsule
+      count is recomputed for it when the dosing allows an exact count (else left, and a sentence says so).
+    - ``quantity`` (> 0, whole capsules) sets ``dispenseRequest.quantity.value`` (in capsules).
+    - ``dose_mg`` replaces the medication coding with the strength's RxNorm code from `strengths`
+      (strength → (code, display)); a strength not in it is refused. Strength-specific text (``10 mg``) in
+      the dosage text is updated too.
+    - ``note`` appends a note. ``authorization`` replaces the rems-authorization identifier and its note
+      line (``REMS Authorization #: N``). ``category_code`` replaces the risk-category extension and note.
+    Raises ValueError naming the field for a value out of range."""
+    _require_medication_request(draft, "draft")
+    resource: dict[str, Any] = copy.deepcopy(dict(draft))
+    dispense = resource.setdefault("dispenseRequest", {})
+    if not isinstance(dispense, dict):
+        raise ValueError("dispenseRequest: not an object")
+    changes: list[str] = []
+    notes = [n for n in _dicts(resource.get("note"))]
+    if edit.dose_mg is not None:
+        table = strengths or {}
+        if edit.dose_mg not in table:
+            known = ", ".join(_num(s) for s in sorted(table)) or "none known"
+            raise ValueError(f"doseMg: {_num(edit.dose_mg)} mg is not a capsule strength of this drug ({known})")
+        old = _strength(resource)
+        code, display = table[edit.dose_mg]
+        resource.pop("medicationReference", None)
+        resource.pop("contained", None)
+        resource["medicationCodeableConcept"] = {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": code, "display": display}],
+            "text": display,
+        }
+        if old is not None and old != edit.dose_mg:
+            pattern = re.compile(rf"\b{re.escape(_num(old))}\s*mg\b", re.IGNORECASE)
+            for d in _dicts(resource.get("dosageInstruction")):
+                for key in ("text", "patientInstruction"):
+                    if isinstance(d.get(key), str):
+                        d[key] = pattern.sub(f"{_num(edit.dose_mg)} mg", d[key])
+        changes.append(f"Dose set to {_num(edit.dose_mg)} mg capsules" + (f" (was {_num(old)} mg)." if old else "."))
+    if edit.supply_days is not None:
+        if not 1 <= edit.supply_days <= REMS_MAX_SUPPLY_DAYS:
+            raise ValueError(f"supplyDays: must be 1 to {REMS_MAX_SUPPLY_DAYS}, got {edit.supply_days}")
+        dispense["expectedSupplyDuration"] = _days(edit.supply_days)
+        changes.append(f"Supply set to {edit.supply_days} days.")
+        if edit.quantity is None:
+            dosing = _dosing(resource)
+            if isinstance(dosing, _Dosing):
+                count = dosing.capsules_for(edit.supply_days)
+                dispense["quantity"] = _capsules(count, dispense)
+                changes.append(f"Quantity {_num(count)} capsules ({dosing.describe()}).")
+            else:
+                changes.append(f"Quantity left as written: {dosing}.")
+    if edit.quantity is not None:
+        q = edit.quantity
+        if q <= 0 or q != q.to_integral_value() or q > 1000:
+            raise ValueError(f"quantity: must be a whole number of capsules from 1 to 1000, got {_num(q)}")
+        dispense["quantity"] = _capsules(q, dispense)
+        changes.append(f"Quantity set to {_num(q)} capsules.")
+    if edit.authorization is not None:
+        value = edit.authorization.strip()
+        if not _AUTH_VALUE.fullmatch(value):
+            raise ValueError(f"authorizationNumber: letters, digits and hyphens only, got {value[:40]!r}")
+        ids = [i for i in _dicts(resource.get("identifier")) if i.get("system") != AUTHORIZATION_SYSTEM]
+        ids.append({"type": {"text": "REMS authorization number"}, "system": AUTHORIZATION_SYSTEM, "value": value})
+        resource["identifier"] = ids
+        notes = [n for n in notes if not str(n.get("text", "")).startswith("REMS Authorization #:")]
+        notes.append({"text": f"REMS Authorization #: {value}"})
+        changes.append("REMS authorization number entered.")
+    if edit.category_code is not None:
+        try:
+            category = RiskCategory(edit.category_code)
+        except ValueError:
+            allowed = ", ".join(c.value for c in RiskCategory)
+            raise ValueError(f"riskCategory: {edit.category_code[:40]!r} is not one of {allowed}") from None
+        exts = [e for e in _dicts(resource.get("extension")) if e.get("url") != RISK_CATEGORY_EXTENSION]
+        exts.append(
+            {
+                "url": RISK_CATEGORY_EXTENSION,
+                "valueCoding": {"system": RISK_CATEGORY_SYSTEM, "code": category.value, "display": category.display},
+            }
+        )
+        resource["extension"] = exts
+        notes = [n for n in notes if not str(n.get("text", "")).startswith("REMS risk category:")]
+        notes.append({"text": f"REMS risk category: {category.display} ({category.value})"})
+        changes.append(f"Risk category set to {category.display}.")
+    if edit.note is not None:
+        text = edit.note.strip()
+        if not text or len(text) > 2000:
+            raise ValueError("note: must be 1 to 2000 characters")
+        notes.append({"text": text})
+        changes.append("Note added.")
+    if notes:
+        resource["note"] = notes
+    resource.pop("text", None)
+    return resource, tuple(changes)
