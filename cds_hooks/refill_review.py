@@ -463,8 +463,11 @@ class ReviewService:
     async def approve(self, draft_id: str, version: int, principal: Principal) -> Draft:
         self._need_pharmacist(principal, "approve")
         draft = self.get(draft_id)
+        if draft.status == "written" and draft.decided_by == principal.actor:
+            return draft  # a retried approval (the answer was lost): it is done, once
         if draft.status in ("approved", "write-failed"):
-            return await self._write(draft)  # the decision stands: retry its write (same key, same content)
+            # The decision stands: retry its write (same key, same content).
+            return await self._write(draft, principal.actor)
         if draft.status != "pending" or draft.version != version:
             self._decide(draft_id, version, "approved", principal, None)  # raises the Conflict naming who
         try:
@@ -494,7 +497,7 @@ class ReviewService:
                     extra={"draft": changed},
                 )
         decided = self._decide(draft_id, version, "approved", principal, None)
-        return await self._write(decided)
+        return await self._write(decided, principal.actor)
 
     async def retry_writes(self) -> int:
         """Write approved drafts whose write failed or never reported (periodic job). Returns how many landed."""
@@ -503,7 +506,7 @@ class ReviewService:
         for status in statuses:
             for draft in store.worklist(self.engine, status=status, limit=200):
                 try:
-                    await self._write(draft)
+                    await self._write(draft, store.SCAN_ACTOR)
                     landed += 1
                 except ReviewError:
                     continue
@@ -537,19 +540,19 @@ class ReviewService:
         except store.Conflict as exc:
             raise ReviewError(409, str(exc), extra={"version": exc.version, "status": exc.status}) from None
 
-    async def _write(self, draft: Draft) -> Draft:
+    async def _write(self, draft: Draft, actor: str) -> Draft:
         now = self.now()
         try:
             reference = await write_approved(self.fhir, draft, zone=self.zone)
         except FhirError as exc:
-            failed = store.record_write(self.engine, draft.id, error=str(exc)[:1000], actor=store.SCAN_ACTOR, now=now)
+            failed = store.record_write(self.engine, draft.id, error=str(exc)[:1000], actor=actor, now=now)
             raise ReviewError(
                 502,
                 f"approved, but the prescription could not be written to the EHR yet: {exc}. "
                 "Approve again to retry; it will be written once.",
                 extra={"draft": failed},
             ) from None
-        return store.record_write(self.engine, draft.id, written_reference=reference, actor=store.SCAN_ACTOR, now=now)
+        return store.record_write(self.engine, draft.id, written_reference=reference, actor=actor, now=now)
 
     @staticmethod
     def _need_pharmacist(principal: Principal, action: str) -> None:

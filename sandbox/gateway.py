@@ -315,14 +315,17 @@ class Gateway:
         self, request: Request, path: str, body: bytes, grant: Grant, interaction: FhirInteraction
     ) -> Response:
         search = self._search_params(request, body) if interaction.kind == "search" else None
-        matches = grant.scopes.matching(interaction.interaction, interaction.resource_type, search)
-        if not matches:
-            raise _Forbidden(self._needed(grant, interaction))
-        shared = interaction.resource_type in SHARED_TYPES and interaction.kind in ("read", "search")
-        patient_only = not shared and all(scope.context == "patient" for scope in matches)
         if interaction.kind == "batch":
+            # A batch or transaction needs no scope of its own: each entry is checked against the scopes.
             self._check_batch(grant, body)
-        elif patient_only:
+            matches: tuple[Any, ...] = ()
+        else:
+            matches = grant.scopes.matching(interaction.interaction, interaction.resource_type, search)
+            if not matches:
+                raise _Forbidden(self._needed(grant, interaction))
+        shared = interaction.resource_type in SHARED_TYPES and interaction.kind in ("read", "search")
+        patient_only = bool(matches) and not shared and all(scope.context == "patient" for scope in matches)
+        if patient_only:
             await self._check_patient_request(grant, interaction, search or [], body)
         upstream = await self._send(
             request.method, path, query=request.url.query, body=body, headers=self._headers(request)
