@@ -110,6 +110,9 @@ class State:
             log.warning("unauthenticated CDS calls are being answered (auth is off), e.g. %s", path)
 
 
+RETRY_SOON_S = 30.0
+
+
 class Population:
     """The population side, when the EHR's FHIR server and our Backend Services client are configured: the
     refill scan (periodic), the review API's service and its token introspection."""
@@ -145,21 +148,27 @@ class Population:
         )
         self.introspector = Introspector(self.fhir, self.backend, http, ttl_s=settings.api_token_cache_s)
 
-    async def run_once(self) -> None:
-        await self.scanner.scan(self.state.now())
+    async def run_once(self) -> bool:
+        """One scan and a retry of unwritten approvals; False when the scan could not list the orders."""
+        report = await self.scanner.scan(self.state.now())
         await self.review.retry_writes()
+        return report.error is None
 
     async def periodic(self, interval_s: float) -> None:
-        """Scan now, then every `interval_s`; a failed run is logged and the next one happens on time."""
+        """Scan now, then every `interval_s`. A run that could not reach the EHR is retried sooner (30 s, or
+        the interval if shorter); a crash is logged and the schedule goes on."""
         while True:
             started = time.monotonic()
+            wait = interval_s
             try:
-                await self.run_once()
+                if not await self.run_once():
+                    wait = min(interval_s, RETRY_SOON_S)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("refill scan failed; next run in %.0f s", interval_s)
-            await asyncio.sleep(max(1.0, interval_s - (time.monotonic() - started)))
+                log.exception("refill scan failed; next run in %.0f s", RETRY_SOON_S)
+                wait = min(interval_s, RETRY_SOON_S)
+            await asyncio.sleep(max(1.0, wait - (time.monotonic() - started)))
 
 
 def build_population(settings: Settings, state: State, http: httpx.AsyncClient) -> Population | None:

@@ -63,9 +63,26 @@ def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], what:
     raise SandboxError(f"{what} did not listen on {host}:{port} within {START_TIMEOUT_S:.0f} s")
 
 
-def service_env(*, sandbox_base: str, service_base: str, database_url: str | None = None) -> dict[str, str]:
-    """The imid-rems service's settings: auth on, one trusted CDS client (this sandbox)."""
+def service_env(
+    *,
+    sandbox_base: str,
+    service_base: str,
+    database_url: str | None = None,
+    backend_key_file: Path | None = None,
+) -> dict[str, str]:
+    """The imid-rems service's settings: auth on, one trusted CDS client (this sandbox); with
+    `backend_key_file`, the sandbox's FHIR gateway as the EHR for the refill scan (every 5 minutes) and the
+    review API, through the ``imid-rems-backend`` Backend Services client."""
     env = dict(os.environ)
+    if backend_key_file is not None:
+        env.update(
+            {
+                "IMID_REMS_FHIR_BASE_URL": f"{sandbox_base}/fhir",
+                "IMID_REMS_BACKEND_CLIENT_ID": "imid-rems-backend",
+                "IMID_REMS_BACKEND_KEY_FILE": str(backend_key_file),
+                "IMID_REMS_REFILL_SCAN_INTERVAL_S": "300",
+            }
+        )
     env.update(
         {
             "IMID_REMS_CDS_AUTH": "on",
@@ -168,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sandbox import corpus, seed
-    from sandbox.app import create_sandbox_app, default_config
+    from sandbox.app import BACKEND_KEY_FILE, backend_key, create_sandbox_app, default_config
     from sandbox.fhir_engine import FhirServerError, start_fhir_server
 
     host = args.host
@@ -197,7 +214,10 @@ def _run(args: argparse.Namespace) -> int:
             base_url=sandbox_base, fhir_upstream=fhir.base, service_base=service_base, state_dir=state
         )
         app = create_sandbox_app(config)
-        env = service_env(sandbox_base=sandbox_base, service_base=service_base)
+        backend_key(state)  # created on first use; the service signs its Backend Services assertions with it
+        env = service_env(
+            sandbox_base=sandbox_base, service_base=service_base, backend_key_file=state / BACKEND_KEY_FILE
+        )
         with service_process(host, args.service_port, env) as service:
             config_ = uvicorn.Config(app, host=host, port=args.port, log_level="warning", access_log=False)
             server = uvicorn.Server(config_)
