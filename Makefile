@@ -61,12 +61,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: in-process evaluation latency, order-sign over HTTP next to a bare FastAPI endpoint, seed generation
-## (timing never gates the tests)
+## bench: in-process evaluation latency, order-sign over HTTP next to a bare FastAPI endpoint, seed generation,
+## the refill scan over 1,000 and 10,000 seeded patients next to bare paging (timing never gates the tests)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench_evaluate
 	$(BIN)/python -m tests.bench_http
 	$(BIN)/python -m tests.bench_seed
+	$(BIN)/python -m tests.bench_refill_scan
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(FHIR_SERVER)/node_modules
