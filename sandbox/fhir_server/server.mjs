@@ -8,11 +8,14 @@ import { parseArgs } from 'node:util';
 
 import {
   DEFAULT_MAX_SEARCH_COUNT,
+  Operator,
   OperationOutcomeError,
   allOk,
   badRequest,
+  convertToSearchableReferences,
   deepClone,
   evalFhirPath,
+  evalFhirPathTyped,
   getResourceTypes,
   getSearchParameter,
   getSearchParameters,
@@ -23,7 +26,10 @@ import {
   isResourceType,
   normalizeOperationOutcome,
   notFound,
+  parseFhirPath,
+  splitSearchOnComma,
   toPeriod,
+  toTypedValue,
   unauthorized,
   unsupportedMediaType,
   validateResource,
@@ -242,19 +248,158 @@ function pageQuery(rawQuery, count, offset) {
   return pairs.join('&');
 }
 
+// The reference search parameters the store indexes (see TestRepository.candidates).
+const INDEXED_REFERENCES = ['patient', 'subject'];
+// How many searches keep their sorted matches between writes (offset paging repeats one search per page).
+const SEARCH_CACHE_SIZE = 8;
+
+const indexedParametersCache = new Map();
+
+/** The `patient`/`subject` reference parameters of a type, each with its FHIRPath (this type's branch) parsed. */
+function indexedParameters(resourceType) {
+  let params = indexedParametersCache.get(resourceType);
+  if (!params) {
+    params = INDEXED_REFERENCES.map((code) => getSearchParameter(resourceType, code))
+      .filter((param) => param?.type === 'reference' && param.expression)
+      .map((param) => ({ code: param.code, atom: parseFhirPath(param.expression) }));
+    indexedParametersCache.set(resourceType, params);
+  }
+  return params;
+}
+
+/**
+ * Index key of a reference string or of one search value: the text after its last '/' (`Patient/p1`,
+ * `http://h/fhir/Patient/p1` and `p1` all give `p1`). Medplum matches a value with '/' only to an equal
+ * reference, and one without '/' only to a reference ending in '/' + value, so a resource can match a value
+ * only if they have the same key: the index never misses a match.
+ */
+function lastSegment(text) {
+  return text.slice(text.lastIndexOf('/') + 1);
+}
+
+function getOrCreate(map, key, make = () => new Map()) {
+  let value = map.get(key);
+  if (value === undefined) {
+    value = make();
+    map.set(key, value);
+  }
+  return value;
+}
+
 /**
  * MemoryRepository with the behaviour a real FHIR server has and the in-memory one lacks: validation of every
  * resource written, server-assigned ids on create, atomic transactions, 410 for deleted resources, a default
- * page size with absolute self/next/previous links and entry fullUrls, and a correct multi-key sort.
+ * page size with absolute self/next/previous links and entry fullUrls, and a correct multi-key sort; and an
+ * index so that a `patient`/`subject`/`_id` search does not evaluate every stored resource of the type.
+ *
+ * MemoryRepository keeps `resources` (type -> Map id -> current version, in insertion order: the order its
+ * search returns) and `history` (type -> Map id -> versions). Every write goes through createResourceSync
+ * (create, update, patch, conditional create), deleteResource or expungeResources; each override here notes
+ * what it replaced (`snapshot`) and then calls `wrote`, which updates the index, empties the search cache and,
+ * inside a transaction, logs the snapshot so that a failure can undo it. Stored versions are never mutated
+ * (reads return clones), so keeping references to them is enough.
  */
 class TestRepository extends MemoryRepository {
-  constructor({ validate }) {
+  constructor({ validate, index = true }) {
     super();
     this.validate = validate;
+    this.useIndex = index; // false (--no-index): search evaluates every resource, to compare answers
     this.baseUrl = 'http://127.0.0.1' + BASE_PATH;
     this.deleted = new Set();
     // The raw query string of the HTTP search being answered, so that page links repeat it exactly.
     this.currentSearch = undefined;
+    // type -> Map(`code|key` -> Set of ids): the resources whose `patient`/`subject` holds a reference of that
+    // key (lastSegment). `code|*` holds those whose references could not be evaluated: always candidates.
+    this.refIndex = new Map();
+    // type -> Map(id -> insertion number), for every stored id: sorts candidates into the store's own order.
+    this.position = new Map();
+    this.inserted = 0;
+    // type -> Map(lower-case id -> Set of ids), only for ids with capitals: `_id` matches ignoring case.
+    this.foldedIds = new Map();
+    // During a transaction, the snapshot taken before each write so far (see withTransaction).
+    this.undoLog = undefined;
+    // JSON of (type, filters, sort) -> ids of every match, sorted; emptied by every write.
+    this.searchCache = new Map();
+  }
+
+  /** What a write to type/id is about to replace: the stored version, its place and its history. */
+  snapshot(resourceType, id) {
+    const history = this.history.get(resourceType)?.get(id);
+    return {
+      resourceType,
+      id,
+      resource: this.resources.get(resourceType)?.get(id),
+      position: this.position.get(resourceType)?.get(id),
+      history,
+      historyLength: history?.length ?? 0,
+    };
+  }
+
+  /** After a write that replaced `prior`: index the new state and, in a transaction, log how to undo it. */
+  wrote(prior) {
+    const { resourceType, id } = prior;
+    this.reindex(resourceType, id, prior.resource, this.resources.get(resourceType)?.get(id));
+    this.undoLog?.push(prior);
+  }
+
+  /** The index keys of one stored version: `code|key` for each patient/subject reference it holds. */
+  indexKeys(resource) {
+    const keys = [];
+    for (const { code, atom } of indexedParameters(resource.resourceType)) {
+      try {
+        const references = convertToSearchableReferences(evalFhirPathTyped(atom, [toTypedValue(resource)]));
+        keys.push(...references.map((reference) => `${code}|${lastSegment(reference)}`));
+      } catch {
+        keys.push(`${code}|*`); // unreadable (possible with --no-validate): let the matcher decide on each search
+      }
+    }
+    return keys;
+  }
+
+  /** type/id changed from `before` to `after` (undefined: not stored); `position` restores an undone delete's. */
+  reindex(resourceType, id, before, after, position) {
+    this.searchCache.clear();
+    const index = getOrCreate(this.refIndex, resourceType);
+    for (const key of before ? this.indexKeys(before) : []) {
+      index.get(key)?.delete(id);
+      if (index.get(key)?.size === 0) {
+        index.delete(key);
+      }
+    }
+    for (const key of after ? this.indexKeys(after) : []) {
+      getOrCreate(index, key, () => new Set()).add(id);
+    }
+    const positions = getOrCreate(this.position, resourceType);
+    const folded = id.toLowerCase() === id ? undefined : getOrCreate(this.foldedIds, resourceType);
+    if (!after) {
+      positions.delete(id);
+      folded?.get(id.toLowerCase())?.delete(id);
+    } else if (!positions.has(id)) {
+      positions.set(id, position ?? ++this.inserted);
+      folded && getOrCreate(folded, id.toLowerCase(), () => new Set()).add(id);
+    }
+  }
+
+  createResourceSync(resource, options, update = false) {
+    // Used by create, update, patch and conditional create alike (private in TypeScript, a method at runtime).
+    const prior = this.snapshot(resource.resourceType, resource.id);
+    const result = super.createResourceSync(resource, options, update);
+    this.wrote(result.id === prior.id ? prior : { ...prior, id: result.id }); // a new, server-assigned id
+    return result;
+  }
+
+  async expungeResources(resourceType, ids) {
+    const priors = ids.map((id) => this.snapshot(resourceType, id));
+    await super.expungeResources(resourceType, ids);
+    priors.forEach((prior) => this.wrote(prior));
+  }
+
+  clear() {
+    super.clear();
+    for (const map of [this.refIndex, this.position, this.foldedIds, this.searchCache]) {
+      map.clear();
+    }
+    this.deleted.clear();
   }
 
   checkResource(resource) {
@@ -309,7 +454,9 @@ class TestRepository extends MemoryRepository {
   }
 
   async deleteResource(resourceType, id, options) {
+    const prior = this.snapshot(resourceType, id);
     await super.deleteResource(resourceType, id, options);
+    this.wrote(prior);
     this.deleted.add(`${resourceType}/${id}`);
   }
 
@@ -329,18 +476,157 @@ class TestRepository extends MemoryRepository {
   }
 
   async withTransaction(callback) {
-    // MemoryRepository runs a transaction's entries without any rollback: restore the whole store on failure.
-    const resources = structuredClone(this.resources);
-    const history = structuredClone(this.history);
+    // MemoryRepository runs a transaction's entries without any rollback. Each write made meanwhile logs what it
+    // replaced, and a failure undoes them newest first (a nested transaction, e.g. a conditional update inside
+    // a transaction Bundle, back to its own start). Cloning the whole store instead took seconds with 700k
+    // resources. Other requests cannot interleave: the callback never waits for I/O, only for promises.
+    const outermost = this.undoLog === undefined;
+    this.undoLog ??= [];
+    const start = this.undoLog.length;
     const deleted = new Set(this.deleted);
     try {
       return await callback(this);
     } catch (err) {
-      this.resources = resources;
-      this.history = history;
+      this.undo(start);
       this.deleted = deleted;
       throw err;
+    } finally {
+      if (outermost) {
+        this.undoLog = undefined;
+      }
     }
+  }
+
+  /** Undo the logged writes after the first `start`, newest first: the store, history and index as they were. */
+  undo(start) {
+    const reorder = new Set();
+    while (this.undoLog.length > start) {
+      const prior = this.undoLog.pop();
+      const { resourceType, id } = prior;
+      const resources = getOrCreate(this.resources, resourceType);
+      const current = resources.get(id);
+      if (prior.resource) {
+        if (!current) {
+          reorder.add(resourceType); // deleted in the transaction: set back below, it lands last in the Map
+        }
+        resources.set(id, prior.resource);
+      } else {
+        resources.delete(id);
+      }
+      this.reindex(resourceType, id, current, prior.resource, prior.position);
+      const histories = getOrCreate(this.history, resourceType);
+      if (prior.history) {
+        prior.history.length = prior.historyLength; // versions are only ever appended
+        histories.set(id, prior.history);
+      } else {
+        histories.delete(id);
+      }
+    }
+    for (const resourceType of reorder) {
+      // Put the store's Map back in insertion order, which is the order searches return.
+      const resources = this.resources.get(resourceType);
+      const positions = this.position.get(resourceType);
+      const entries = [...resources].sort(([a], [b]) => positions.get(a) - positions.get(b));
+      resources.clear();
+      entries.forEach(([id, resource]) => resources.set(id, resource));
+    }
+  }
+
+  /**
+   * MemoryRepository.searchSync evaluates every filter on every stored resource of the type. When a filter is
+   * `patient`, `subject` or `_id` = a list of values, it evaluates only the candidates the index gives for it
+   * instead, in the store's order: Medplum's matcher still applies every filter, so the answer is the same.
+   * (searchSync is private in TypeScript, a method at runtime; conditional create calls it too.)
+   */
+  searchSync(searchRequest) {
+    const candidates = this.candidates(searchRequest);
+    if (!candidates) {
+      return super.searchSync(searchRequest);
+    }
+    // The same search over a view of the store whose Map for this type holds only the candidates.
+    const resources = new Map(this.resources).set(searchRequest.resourceType, candidates);
+    return super.searchSync.call(Object.create(this, { resources: { value: resources } }), searchRequest);
+  }
+
+  /** Map id -> stored resource, in store order, of the resources the search can match; undefined: all of them. */
+  candidates({ resourceType, filters = [] }) {
+    if (!this.useIndex || filters.some((filter) => filter.code.includes('.'))) {
+      return undefined; // a chained filter reads referenced resources, maybe of this same type, from the store
+    }
+    let best;
+    for (const filter of filters) {
+      const ids = this.indexedIds(resourceType, filter);
+      if (ids && (!best || ids.size < best.size)) {
+        best = ids; // every filter must match: the smallest superset will do
+      }
+    }
+    if (!best) {
+      return undefined;
+    }
+    const stored = this.resources.get(resourceType) ?? new Map();
+    const positions = this.position.get(resourceType);
+    const ids = [...best].filter((id) => stored.has(id)).sort((a, b) => positions.get(a) - positions.get(b));
+    return new Map(ids.map((id) => [id, stored.get(id)]));
+  }
+
+  /** Ids of every resource that can match one `patient`/`subject`/`_id` filter; undefined for other filters. */
+  indexedIds(resourceType, filter) {
+    if (filter.operator !== Operator.EQUALS || !filter.value) {
+      return undefined; // an empty value matches resources without the reference, which the index cannot list
+    }
+    const ids = new Set();
+    const param = getSearchParameter(resourceType, filter.code);
+    if (filter.code === '_id' && param?.type === 'token' && param.expression === `${resourceType}.id`) {
+      // A token: `id` or `|id` (no system) matches, ignoring case.
+      const stored = this.resources.get(resourceType);
+      for (const value of splitSearchOnComma(filter.value)) {
+        const id = (value.includes('|') ? value.split('|')[1] : value).toLowerCase();
+        if (stored?.has(id)) {
+          ids.add(id);
+        }
+        this.foldedIds.get(resourceType)?.get(id)?.forEach((other) => ids.add(other));
+      }
+      return ids;
+    }
+    if (!indexedParameters(resourceType).some(({ code }) => code === filter.code)) {
+      return undefined;
+    }
+    const index = this.refIndex.get(resourceType);
+    for (const key of [...splitSearchOnComma(filter.value).map(lastSegment), '*']) {
+      index?.get(`${filter.code}|${key}`)?.forEach((id) => ids.add(id));
+    }
+    return ids;
+  }
+
+  /**
+   * Ids of every match of a search, sorted, and the matching resources (clones) when just evaluated. Paging
+   * with _offset repeats one search per page; its ids are kept until the next write (`reindex` empties it).
+   */
+  matches(searchRequest) {
+    const { resourceType, filters, sortRules } = searchRequest;
+    const key = JSON.stringify([resourceType, filters ?? [], sortRules ?? []]);
+    const cached = this.searchCache.get(key);
+    if (cached) {
+      return { ids: cached };
+    }
+    const matched = this.searchSync({
+      ...searchRequest,
+      sortRules: undefined,
+      offset: undefined,
+      count: undefined,
+      include: undefined,
+      revInclude: undefined,
+    });
+    const resources = (matched.entry ?? []).map((entry) => entry.resource);
+    if (sortRules?.length) {
+      resources.sort(compareBySortRules(resourceType, sortRules));
+    }
+    const ids = resources.map((resource) => resource.id);
+    this.searchCache.set(key, ids);
+    if (this.searchCache.size > SEARCH_CACHE_SIZE) {
+      this.searchCache.delete(this.searchCache.keys().next().value); // the oldest
+    }
+    return { ids, resources };
   }
 
   async search(searchRequest) {
@@ -351,19 +637,11 @@ class TestRepository extends MemoryRepository {
     const { resourceType } = searchRequest;
     const count = Math.min(searchRequest.count ?? DEFAULT_PAGE_SIZE, DEFAULT_MAX_SEARCH_COUNT);
     const offset = searchRequest.offset ?? 0;
-    const matched = this.searchSync({
-      ...searchRequest,
-      sortRules: undefined,
-      offset: undefined,
-      count: undefined,
-      include: undefined,
-      revInclude: undefined,
-    });
-    const resources = (matched.entry ?? []).map((entry) => entry.resource);
-    if (searchRequest.sortRules?.length) {
-      resources.sort(compareBySortRules(resourceType, searchRequest.sortRules));
-    }
-    const page = resources.slice(offset, offset + count);
+    const { ids, resources } = this.matches(searchRequest);
+    // From the cache, the page is cloned from the store, which has not changed since the ids were found.
+    const page = resources
+      ? resources.slice(offset, offset + count)
+      : ids.slice(offset, offset + count).map((id) => deepClone(this.resources.get(resourceType).get(id)));
     const entries = page.map((resource) => ({ resource, search: { mode: 'match' } }));
     if ((searchRequest.include || searchRequest.revInclude) && page.length) {
       await getExtraEntries(this, searchRequest, page, entries);
@@ -373,11 +651,11 @@ class TestRepository extends MemoryRepository {
       ...entry,
     }));
 
-    const bundle = { resourceType: 'Bundle', type: 'searchset', total: resources.length };
+    const bundle = { resourceType: 'Bundle', type: 'searchset', total: ids.length };
     if (httpSearch?.resourceType === resourceType) {
       const url = (c, o) => `${this.baseUrl}/${resourceType}?${pageQuery(httpSearch.rawQuery, c, o)}`;
       bundle.link = [{ relation: 'self', url: url(count, offset) }];
-      if (count > 0 && offset + count < resources.length) {
+      if (count > 0 && offset + count < ids.length) {
         bundle.link.push({ relation: 'next', url: url(count, offset + count) });
       }
       if (count > 0 && offset > 0) {
@@ -438,6 +716,7 @@ function parseOptions(argv) {
       'require-token': { type: 'string', default: process.env.FHIR_SERVER_TOKEN },
       load: { type: 'string', multiple: true, default: [] },
       'no-validate': { type: 'boolean', default: false },
+      'no-index': { type: 'boolean', default: process.env.FHIR_SERVER_NO_INDEX === '1' },
       'log-requests': { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -447,12 +726,15 @@ function parseOptions(argv) {
 }
 
 const USAGE = `usage: node server.mjs [--port N] [--host H] [--require-token TOKEN] [--load FILE|DIR]... [--no-validate]
+                       [--no-index]
   --port N              port to listen on; 0 (default) picks a free one (env FHIR_SERVER_PORT)
   --host H              address to listen on (default 127.0.0.1)
   --require-token T     answer 401 unless the request has "Authorization: Bearer T" (env FHIR_SERVER_TOKEN)
   --load PATH           a transaction/batch Bundle (or one resource) to load at start; a directory loads its
                         *.json files in name order; repeatable
   --no-validate         store resources without validating them against the R4 StructureDefinitions
+  --no-index            search evaluates every stored resource of the type even for patient=, subject= or
+                        _id= (env FHIR_SERVER_NO_INDEX=1): slower, for checking the index changes no answer
   --log-requests        one line per request on stderr
 Prints {"base": "http://HOST:PORT/fhir/R4"} on stdout once it is listening.`;
 
@@ -707,7 +989,7 @@ async function main() {
 
   loadDefinitions();
   const router = new FhirRouter();
-  const repo = new TestRepository({ validate: !options['no-validate'] });
+  const repo = new TestRepository({ validate: !options['no-validate'], index: !options['no-index'] });
   for (const file of filesToLoad(options.load)) {
     await loadFile(router, repo, file);
   }

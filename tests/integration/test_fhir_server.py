@@ -445,6 +445,228 @@ def test_post_bundle_raises_when_an_entry_fails(fhir_server: str) -> None:
         post_bundle(fhir_server, bundle)
 
 
+# --- patient, subject and _id searches use an index: same answers as evaluating every resource --------------
+
+
+def test_patient_list_returns_exactly_those_patients_resources_in_store_order(fhir: httpx.Client) -> None:
+    a, b, c = make_patient(fhir), make_patient(fhir), make_patient(fhir)
+    a1 = create(fhir, observation(a, PLATELETS, "2026-01-05T10:00:00Z"))["id"]
+    b1 = create(fhir, observation(b, PLATELETS, "2026-01-05T10:00:00Z"))["id"]
+    create(fhir, observation(c, PLATELETS, "2026-01-05T10:00:00Z"))
+    a2 = create(fhir, observation(a, URINE_HCG, "2026-01-06T10:00:00Z"))["id"]
+    condition = {"resourceType": "Condition", "code": {"text": "myeloma"}, "subject": {"reference": f"Patient/{c}"}}
+    c_condition = create(fhir, condition)["id"]
+
+    listed = fhir.get("Observation", params={"patient": f"{a},Patient/{b},{uuid.uuid4()}", "_count": "1000"}).json()
+    one_code = fhir.get("Observation", params={"subject": f"Patient/{a},Patient/{b}", "code": f"{LOINC}|{URINE_HCG}"})
+    conditions = fhir.get("Condition", params={"patient": f"{a},{c}"}).json()
+
+    assert entry_ids(listed) == [a1, b1, a2]  # creation order, as without the index
+    assert listed["total"] == 3
+    assert entry_ids(one_code.json()) == [a2]
+    assert entry_ids(conditions) == [c_condition]
+
+
+def test_a_resource_moved_to_another_patient_is_found_only_under_the_new_one(fhir: httpx.Client) -> None:
+    a, b = make_patient(fhir), make_patient(fhir)
+    moved = create(fhir, observation(a, PLATELETS, "2026-01-05T10:00:00Z"))
+    stays = create(fhir, observation(a, PLATELETS, "2026-01-06T10:00:00Z"))["id"]
+
+    moved["subject"] = {"reference": f"Patient/{b}"}
+    assert fhir.put(f"Observation/{moved['id']}", json=moved, headers=fhir_headers()).status_code == 200
+
+    assert entry_ids(fhir.get("Observation", params={"patient": a}).json()) == [stays]
+    assert entry_ids(fhir.get("Observation", params={"patient": b}).json()) == [moved["id"]]
+    assert entry_ids(fhir.get("Observation", params={"subject": f"Patient/{b}"}).json()) == [moved["id"]]
+    both = fhir.get("Observation", params={"patient": f"{a},{b}"}).json()
+    assert entry_ids(both) == [moved["id"], stays]  # an update keeps the resource's place in the store
+
+
+def test_a_deleted_resource_is_gone_from_patient_and_id_searches(fhir: httpx.Client) -> None:
+    patient_id = make_patient(fhir)
+    deleted = create(fhir, observation(patient_id, PLATELETS, "2026-01-05T10:00:00Z"))["id"]
+    kept = create(fhir, observation(patient_id, PLATELETS, "2026-01-06T10:00:00Z"))["id"]
+
+    assert fhir.delete(f"Observation/{deleted}").status_code == 200
+
+    assert entry_ids(fhir.get("Observation", params={"patient": patient_id}).json()) == [kept]
+    assert fhir.get("Observation", params={"_id": f"{deleted},{kept}"}).json()["total"] == 1
+
+
+def test_id_list_search(fhir: httpx.Client) -> None:
+    first, second, third = make_patient(fhir), make_patient(fhir), make_patient(fhir)
+
+    # A token: `|id` is an id without a system; an unknown id just matches nothing.
+    found = fhir.get("Patient", params={"_id": f"{third},|{first},{uuid.uuid4()}"}).json()
+
+    assert entry_ids(found) == [first, third]  # creation order, not the order of the list
+    assert fhir.get("Patient", params={"_id": second}).json()["total"] == 1
+
+
+def test_failed_transaction_leaves_patient_searches_as_they_were(fhir: httpx.Client, fhir_server: str) -> None:
+    a, b = make_patient(fhir), make_patient(fhir)
+    o1, o2, o3 = (create(fhir, observation(a, PLATELETS, f"2026-01-0{day}T10:00:00Z")) for day in (1, 2, 3))
+    moved = o2 | {"subject": {"reference": f"Patient/{b}"}}
+    invalid = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "bad": 1}
+    never = str(uuid.uuid4())
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        # Processed as deletes, creates, then updates in order: the invalid update fails after all the others.
+        "entry": [
+            {"request": {"method": "DELETE", "url": f"Observation/{o1['id']}"}},
+            {"resource": observation(a, PLATELETS, "2026-01-04"), "request": {"method": "POST", "url": "Observation"}},
+            {"resource": moved, "request": {"method": "PUT", "url": f"Observation/{o2['id']}"}},
+            {"resource": invalid | {"id": never}, "request": {"method": "PUT", "url": f"Observation/{never}"}},
+        ],
+    }
+
+    response = httpx.post(fhir_server, json=bundle, headers=fhir_headers())
+
+    assert response.status_code == 400, response.text
+    found = fhir.get("Observation", params={"patient": f"{a},{b}"}).json()
+    assert entry_ids(found) == [o1["id"], o2["id"], o3["id"]]  # the deleted one back in its place
+    assert fhir.get("Observation", params={"patient": b}).json()["total"] == 0
+    assert fhir.get(f"Observation/{o1['id']}").status_code == 200
+    assert fhir.get(f"Observation/{o2['id']}").json()["meta"] == o2["meta"]
+    assert fhir.get(f"Observation/{o2['id']}/_history").json()["total"] == 1
+
+
+def test_paging_sees_writes_made_between_pages(fhir: httpx.Client) -> None:
+    patient_id = make_patient(fhir)
+    ids = [create(fhir, observation(patient_id, PLATELETS, f"2026-02-0{day}"))["id"] for day in (1, 2, 3)]
+
+    first = fhir.get("Observation", params={"status": "final", "patient": patient_id, "_count": "2"}).json()
+    added = create(fhir, observation(patient_id, PLATELETS, "2026-02-04"))["id"]
+    next_url = link(first, "next")
+    assert next_url is not None
+    second = fhir.get(next_url).json()
+
+    assert first["total"] == 3
+    assert second["total"] == 4
+    assert entry_ids(second) == [ids[2], added]
+
+
+def load_file_for_index_comparison(path: Path) -> Path:
+    """Patients, with references in every form the matcher tells apart, in one batch of PUTs."""
+    resources: list[dict[str, Any]] = [
+        {"resourceType": "Patient", "id": pid, "gender": "female"} for pid in ("ix-p1", "ix-p2", "ix-p3", "Ix-Mixed")
+    ]
+    resources.append({"resourceType": "Group", "id": "ix-g1", "type": "person", "actual": True})
+    subjects = [
+        "Patient/ix-p1",
+        "Patient/ix-p2",
+        "Patient/ix-p3",
+        "Patient/Ix-Mixed",
+        "http://elsewhere.example/fhir/Patient/ix-p1",
+        "Group/ix-g1",
+        "Patient/ix-p1/_history/1",
+    ]
+    for n, reference in enumerate(subjects * 2):
+        code = PLATELETS if n % 3 else URINE_HCG
+        resources.append(observation("x", code, f"2026-03-{n + 1:02d}T08:00:00Z") | {"id": f"ix-o{n}"})
+        resources[-1]["subject"] = {"reference": reference}
+    for n, pid in enumerate(("ix-p1", "ix-p2", "ix-p1")):
+        resources.append(
+            {
+                "resourceType": "MedicationRequest",
+                "id": f"ix-rx{n}",
+                "status": "active" if n else "stopped",
+                "intent": "order",
+                "medicationCodeableConcept": {"text": "lenalidomide"},
+                "subject": {"reference": f"Patient/{pid}"},
+            }
+        )
+    resources.append({"resourceType": "Observation", "id": "ix-none", "status": "final", "code": {"text": "none"}})
+    entries = [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources
+    ]
+    path.write_text(json.dumps({"resourceType": "Bundle", "type": "batch", "entry": entries}))
+    return path
+
+
+INDEX_QUERIES = [
+    "Observation?patient=ix-p1,ix-p2&_count=1000",
+    "Observation?patient=Patient/ix-p1,Patient/ix-p3&code=http://loinc.org|777-3",
+    "Observation?patient=ix-p1&_sort=-date",
+    "Observation?patient=ix-p1,ix-p2,ix-p3&_count=3&_offset=3",
+    "Observation?subject=Patient/ix-p1",
+    "Observation?subject=ix-p1",
+    "Observation?subject=http://elsewhere.example/fhir/Patient/ix-p1",
+    "Observation?subject=Group/ix-g1",
+    "Observation?patient=ix-mixed,IX-P2",
+    "Observation?patient=1",
+    "Observation?subject=Patient/ix-p1/_history/1",
+    "Observation?patient=ix-p1&patient=ix-p2",
+    "Observation?patient=ix-p1&subject=Patient/ix-p1",
+    "Observation?patient:missing=true",
+    "Observation?patient=ix-p2&_id=ix-o1,ix-o2,ix-o8",
+    "MedicationRequest?patient=ix-p1,ix-p2&status=active",
+    "MedicationRequest?subject=Patient/ix-p1&_include=MedicationRequest:subject",
+    "Patient?_id=ix-p1,IX-P2,|ix-p3,urn:x|ix-p1,ix-mixed,nope",
+    "Patient?_id=ix-p1&_revinclude=Observation:patient",
+    "Group?_id=ix-g1",
+]
+
+
+def index_answers(base: str) -> list[tuple[int, list[str], int | None]]:
+    answers = []
+    for query in INDEX_QUERIES:
+        response = httpx.get(f"{base}/{query}")
+        body = response.json()
+        ids = [f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in body.get("entry", [])]
+        answers.append((response.status_code, ids, body.get("total")))
+    return answers
+
+
+def change_for_index_comparison(base: str) -> None:
+    """The same writes on both servers: update, delete, recreate, and a failed transaction that did all three."""
+    moved = httpx.get(f"{base}/Observation/ix-o0").json() | {"subject": {"reference": "Patient/ix-p2"}}
+    assert httpx.put(f"{base}/Observation/ix-o0", json=moved, headers=fhir_headers()).status_code == 200
+    assert httpx.delete(f"{base}/Observation/ix-o1").status_code == 200
+    assert httpx.delete(f"{base}/Observation/ix-o2").status_code == 200
+    recreated = observation("ix-p3", URINE_HCG, "2026-04-01") | {"id": "ix-o2"}
+    assert httpx.put(f"{base}/Observation/ix-o2", json=recreated, headers=fhir_headers()).is_success
+    failing = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"request": {"method": "DELETE", "url": "Observation/ix-o3"}},
+            {"request": {"method": "DELETE", "url": "Observation/ix-o9"}},
+            {
+                "resource": observation("ix-p1", PLATELETS, "2026-04-02"),
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {
+                "resource": moved | {"id": "ix-o7", "subject": {"reference": "Patient/ix-p3"}},
+                "request": {"method": "PUT", "url": "Observation/ix-o7"},
+            },
+            {
+                "resource": {"resourceType": "Observation", "id": "ix-bad", "bad": 1},
+                "request": {"method": "PUT", "url": "Observation/ix-bad"},
+            },
+        ],
+    }
+    assert httpx.post(base, json=failing, headers=fhir_headers()).status_code == 400
+
+
+def test_indexed_searches_answer_as_the_unindexed_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = load_file_for_index_comparison(tmp_path / "index.json")
+    with start_fhir_server(load=[bundle]) as indexed:
+        monkeypatch.setenv("FHIR_SERVER_NO_INDEX", "1")
+        with start_fhir_server(load=[bundle]) as unindexed:
+            loaded = index_answers(indexed.base)
+            assert loaded == index_answers(unindexed.base)
+            assert loaded[0][2] == 4  # the comparison is not between two empty answers
+
+            change_for_index_comparison(indexed.base)
+            change_for_index_comparison(unindexed.base)
+
+            changed = index_answers(indexed.base)
+            assert changed == index_answers(unindexed.base)
+            assert changed != loaded
+
+
 # --- metadata, CORS, content type, errors ---------------------------------------------------------------------
 
 
