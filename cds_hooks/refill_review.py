@@ -465,7 +465,7 @@ class ReviewService:
         draft = self.get(draft_id)
         if draft.status == "written" and draft.decided_by == principal.actor:
             return draft  # a retried approval (the answer was lost): it is done, once
-        if draft.status in ("approved", "write-failed"):
+        if draft.status == "write-failed" or (draft.status == "approved" and draft.decided_by == principal.actor):
             # The decision stands: retry its write (same key, same content).
             return await self._write(draft, principal.actor)
         if draft.status != "pending" or draft.version != version:
@@ -538,7 +538,7 @@ class ReviewService:
                 extra={"blocking": list(exc.codes)},
             ) from None
         except store.Conflict as exc:
-            raise ReviewError(409, str(exc), extra={"version": exc.version, "status": exc.status}) from None
+            raise ReviewError(409, str(exc), extra={"version": exc.version, "draftStatus": exc.status}) from None
 
     async def _write(self, draft: Draft, actor: str) -> Draft:
         now = self.now()
