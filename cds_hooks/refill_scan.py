@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -180,6 +181,7 @@ class RefillScanner:
         self.config = config
         self.options = options or ScanOptions()
         self._templates = {k: v for k, v in chart_templates().items() if k in CHART_KEYS}
+        self._lock = threading.Lock()
 
     async def scan(self, now: datetime) -> ScanReport:
         report = ScanReport(started=now)
@@ -294,43 +296,77 @@ class RefillScanner:
 
     async def _batch(self, ids: list[str], now: datetime, report: ScanReport) -> None:
         try:
+            await self._batch_inner(ids, now, report)
+        except Exception as exc:  # anything unexpected: the batch's patients are reported, never dropped
+            log.warning("refill scan: a batch failed (%s)", type(exc).__name__)
+            with self._lock:
+                report.failures.extend((pid, f"scan failed ({type(exc).__name__})") for pid in ids)
+
+    async def _batch_inner(self, ids: list[str], now: datetime, report: ScanReport) -> None:
+        try:
             charts = await self.fetch_charts(ids, now)
         except FhirError as exc:
             reason = f"chart fetch failed: {exc}"
-            report.failures.extend((pid, reason) for pid in ids)
+            with self._lock:
+                report.failures.extend((pid, reason) for pid in ids)
             await asyncio.to_thread(self._record_errors, ids, reason, now)
             return
         missing = [pid for pid in ids if pid not in charts]
-        for pid in missing:
-            report.failures.append((pid, "the Patient is not on the FHIR server"))
+        with self._lock:
+            report.failures.extend((pid, "the Patient is not on the FHIR server") for pid in missing)
         await asyncio.to_thread(self._apply, charts, now, report)
 
     def _apply(self, charts: dict[str, PatientChart], now: datetime, report: ScanReport) -> None:
+        """Judge and store one batch (in a worker thread). Counts are tallied locally and added to `report`
+        under a lock: batches run in parallel threads."""
         opts = self.options
+        tally = ScanReport(started=now)
         for pid, chart in charts.items():
             try:
                 plan = plan_patient(chart, now=now, zone=self.zone, config=self.config, horizon_days=opts.horizon_days)
             except Exception as exc:  # one unreadable chart must not stop the scan
                 reason = f"chart could not be read: {describe_failure(exc)}"
-                report.failures.append((pid, reason))
-                store.record_check_error(self.engine, pid, reason, now=now)
+                tally.failures.append((pid, reason))
+                self._quietly(store.record_check_error, self.engine, pid, reason, now=now)
                 continue
-            report.not_due += len(plan.skipped)
-            for planned in plan.planned:
-                _, outcome = store.store_draft(self.engine, planned.draft, planned.checks, now=now)
-                if outcome == "created":
-                    report.created += 1
-                elif outcome == "changed":
-                    report.rechecked += 1
+            for skipped in plan.skipped:
+                if skipped.days_left is None:  # a safety check that could not read its data says so
+                    tally.failures.append((pid, f"{skipped.order}: {skipped.reason}"))
                 else:
-                    report.unchanged += 1
-            report.withdrawn += store.withdraw_superseded(
-                self.engine, pid, current=plan.current_orders, now=now, reason="is no longer the active order"
-            )
+                    tally.not_due += 1
+            try:
+                for planned in plan.planned:
+                    _, outcome = store.store_draft(self.engine, planned.draft, planned.checks, now=now)
+                    if outcome == "created":
+                        tally.created += 1
+                    elif outcome == "changed":
+                        tally.rechecked += 1
+                    else:
+                        tally.unchanged += 1
+                tally.withdrawn += store.withdraw_superseded(
+                    self.engine, pid, current=plan.current_orders, now=now, reason="is no longer the active order"
+                )
+            except Exception as exc:  # a database fault on one patient: report it, go on with the others
+                log.warning("refill scan: storing a draft failed (%s)", type(exc).__name__)
+                tally.failures.append((pid, f"the draft could not be stored ({type(exc).__name__})"))
+        with self._lock:
+            report.created += tally.created
+            report.rechecked += tally.rechecked
+            report.unchanged += tally.unchanged
+            report.not_due += tally.not_due
+            report.withdrawn += tally.withdrawn
+            report.failures.extend(tally.failures)
+
+    @staticmethod
+    def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # recording an error must not hide the error itself
+            log.warning("refill scan: recording a check error failed (%s)", type(exc).__name__)
 
     def _record_errors(self, ids: Iterable[str], reason: str, now: datetime) -> None:
         for pid in ids:
-            store.record_check_error(self.engine, pid, reason, now=now)
+            self._quietly(store.record_check_error, self.engine, pid, reason, now=now)
 
     def _withdraw_unseen(self, seen: set[str], now: datetime) -> int:
         return store.withdraw_unseen(self.engine, seen, now=now, reason="the patient has no active IMiD order")

@@ -380,5 +380,7 @@ def _clip(text: str) -> str:
 def describe_failure(exc: Exception) -> str:
     """A short reason for a chart that could not be read (names the field, never a value)."""
     if isinstance(exc, InvalidInput):
-        return f"{exc.path}: {exc.message}"[:300]
+        # The message quotes the bad value ("..., got '1961-02-30'"): keep only what is wrong, not the value.
+        what = re.split(r",? got |: '|: \"| \(got ", exc.message, maxsplit=1)[0].rstrip(" ,;:")
+        return f"{exc.path}: {what or 'not valid'}"[:300]
     return type(exc).__name__

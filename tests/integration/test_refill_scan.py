@@ -34,12 +34,13 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from cds_hooks import refill_store as store
 from cds_hooks.backend_auth import BackendAuth, BackendCredentials
 from cds_hooks.fhir_client import FhirClient
 from cds_hooks.refill_scan import RefillScanner, ScanOptions, ScanReport
-from cds_hooks.refill_store import Check, Draft
+from cds_hooks.refill_store import Check, Draft, find_draft
 from cds_hooks.refills import PatientChart, Planned, plan_patient
 from rems.config import default_config
 from rems.findings import RULES
@@ -478,7 +479,7 @@ def test_the_next_scan_follows_changed_charts(stack: Stack, engine: Engine) -> N
     assert re.fullmatch(
         r"chart could not be read: chart\.observations\.entry\[\d+\]\.resource\.effectiveDateTime: .+", reason
     ), reason
-    assert (report.created, report.rechecked) == (0, 0)
+    assert (report.withdrawn, report.created, report.rechecked) == (2, 0, 0)
     assert report.unchanged == DUE - 3
     assert report.not_due == PATIENTS - DUE + 1  # the renewal is the next fill: not drafted again
 
@@ -507,3 +508,118 @@ def test_the_next_scan_follows_changed_charts(stack: Stack, engine: Engine) -> N
         else:
             assert content(d) == content(before[key]), key
             assert actions(engine, d) == ["created"]
+
+
+class MemoryScanner(RefillScanner):
+    """The scan with the charts served from memory: for what happens after the fetch (storing, counting)."""
+
+    def __init__(self, engine: Engine, charts: dict[str, PatientChart], options: ScanOptions) -> None:
+        listing = [
+            order
+            for chart in charts.values()
+            for entry in chart.prefetch["medications"]["entry"]
+            if (order := entry["resource"])["status"] == "active"
+        ]
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            assert request.url.path == "/fhir/MedicationRequest", request.url
+            return httpx.Response(200, json=searchset(listing))
+
+        http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        super().__init__(
+            engine, FhirClient("http://fhir.test/fhir", http, None), zone=ZONE, config=default_config(), options=options
+        )
+        self.charts = charts
+
+    async def fetch_charts(self, ids: list[str], now: datetime) -> dict[str, PatientChart]:
+        await asyncio.sleep(0)
+        return {pid: self.charts[pid] for pid in ids}
+
+
+def test_withdrawals_in_concurrent_batches_are_all_counted(stack: Stack, engine: Engine) -> None:
+    """Every due patient's order was renewed since the last scan: each batch withdraws its patients' drafts
+    while the other batches store theirs. The report must count every withdrawal."""
+    assert draft_in_process(stack, engine) == DUE
+    charts: dict[str, PatientChart] = {}
+    for p in stack.plans:
+        chart = stack.chart(p.patient_id)
+        if p.days_left <= HORIZON:
+            orders = [e["resource"] for e in chart.prefetch["medications"]["entry"]]
+            old = next(o for o in orders if o["id"] == p.active_order)
+            renewal = {
+                **copy.deepcopy(old),
+                "id": f"{p.active_order}-renewal",
+                "authoredOn": NOW.replace(hour=9).isoformat(),
+                "priorPrescription": {"reference": f"MedicationRequest/{p.active_order}"},
+            }
+            old["status"] = "completed"
+            chart.prefetch["medications"]["entry"].append({"resource": renewal})
+        charts[p.patient_id] = chart
+
+    async def go() -> ScanReport:
+        scanner = MemoryScanner(engine, charts, ScanOptions(batch_size=5, concurrency=4))
+        async with scanner.fhir.http:
+            return await scanner.scan(NOW)
+
+    report = asyncio.run(go())
+    assert (report.error, report.failures, report.created) == (None, [], 0)
+    assert report.not_due == PATIENTS  # every renewal is the next fill, the others have days left
+    rejected = [d for d in drafts(engine).values() if d.status == "rejected"]
+    assert len(rejected) == DUE
+    assert report.withdrawn == DUE
+
+
+def memory_charts(stack: Stack) -> dict[str, PatientChart]:
+    return {p.patient_id: stack.chart(p.patient_id) for p in stack.plans}
+
+
+def memory_scan(engine: Engine, charts: dict[str, PatientChart], options: ScanOptions) -> ScanReport:
+    async def go() -> ScanReport:
+        scanner = MemoryScanner(engine, charts, options)
+        async with scanner.fhir.http:
+            return await scanner.scan(NOW)
+
+    return asyncio.run(go())
+
+
+def test_a_draft_that_cannot_be_stored_is_reported_and_the_batch_goes_on(
+    stack: Stack, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refuses one patient's draft (a lost connection, say): that patient is reported, and
+    the other patients of its batch are still drafted. Nothing may pass silently."""
+    victim = sorted(stack.due.values(), key=lambda p: p.patient_id)[3]
+    real = store.store_draft
+
+    def store_draft(engine: Engine, draft: store.NewDraft, checks: Any, **kw: Any) -> tuple[Draft, store.Outcome]:
+        if draft.patient_id == victim.patient_id:
+            raise OperationalError("INSERT INTO refill_draft …", {}, ConnectionError("server closed the connection"))
+        return real(engine, draft, checks, **kw)
+
+    monkeypatch.setattr(store, "store_draft", store_draft)
+    report = memory_scan(engine, memory_charts(stack), ScanOptions(batch_size=PATIENTS))  # one batch
+    summary = report.as_json()
+    missing = set(stack.due) - set(drafts(engine))
+    assert missing == {(victim.patient_id, f"MedicationRequest/{victim.active_order}")}, (len(missing), summary)
+    assert report.created == DUE - 1
+    assert victim.patient_id in {pid for pid, _ in report.failures} or report.error is not None, summary
+
+
+def test_an_order_whose_supply_cannot_be_worked_out_is_reported(stack: Stack, engine: Engine) -> None:
+    """refills: "A drug whose supply cannot be worked out is not drafted: the scan reports it (...) it never
+    passes silently". Here no IMiD order of the patient states a supply and nothing was dispensed."""
+    victim = sorted(stack.due.values(), key=lambda p: p.patient_id)[3]
+    charts = memory_charts(stack)
+    chart = charts[victim.patient_id]
+    for entry in chart.prefetch["medications"]["entry"]:
+        if "-rx" in entry["resource"]["id"]:  # every IMiD order of the patient, past ones too
+            del entry["resource"]["dispenseRequest"]
+            for dosage in entry["resource"].get("dosageInstruction", []):
+                dosage.pop("timing", None)
+                dosage.pop("doseAndRate", None)
+                dosage["text"] = "Take as directed"
+    chart.prefetch["dispenses"]["entry"].clear()
+    report = memory_scan(engine, charts, ScanOptions())
+    assert report.created == DUE - 1
+    assert find_draft(engine, victim.patient_id, f"MedicationRequest/{victim.active_order}") is None
+    reported = [reason for pid, reason in report.failures if pid == victim.patient_id]
+    assert reported and "supply unknown" in reported[0], report.as_json()

@@ -694,3 +694,13 @@ def test_an_unreadable_chart_raises_naming_the_field() -> None:
     assert failure.value.path == "chart.observations.entry[0].resource.effectiveDateTime"
     assert describe_failure(failure.value).startswith("chart.observations.entry[0].resource.effectiveDateTime: ")
     assert describe_failure(RuntimeError("secret detail")) == "RuntimeError"
+
+
+def test_the_failure_reason_names_the_field_but_never_its_value() -> None:
+    # describe_failure promises "names the field, never a value": the reason goes to the scan report
+    # and to the draft's last_error next to the patient id, so a birth date must not be in it.
+    with pytest.raises(InvalidInput) as failure:
+        plan_of(on_supply(5, patient=patient_json(born="1961-02-30")))
+    reason = describe_failure(failure.value)
+    assert reason.startswith("patient.birthDate")
+    assert "1961-02-30" not in reason
