@@ -896,6 +896,34 @@ def test_a_second_approval_while_the_first_write_is_in_flight_is_told_who_decide
         assert proxy.writes.transactions == 1
 
 
+@pytest.mark.parametrize("second", ["periodic-retry", "same-pharmacist-again"])
+def test_an_approval_whose_write_is_in_flight_is_not_written_a_second_time(
+    sandbox: Sandbox, services: Callable[..., AbstractContextManager[Service]], proxy: Proxy, second: str
+) -> None:
+    """While the approving request's transaction is on its way (the draft is ``approved``), the periodic
+    retry (`ReviewService.retry_writes` takes every ``approved`` draft) or the same pharmacist clicking
+    Approve again must not send the transaction again: the conditional create keeps the MedicationRequest
+    single, but the Provenance in the same transaction is created twice."""
+    p = sandbox.patient(plain, 8)
+    with services(fhir_base=proxy.fhir) as svc:
+        svc.scan()
+        c = svc.client(RPH1)
+        ready = authorized(c, svc.draft_of(p, c))
+        key = svc.request_key(ready["id"])
+        proxy.writes.delay_s = 1.0
+        with ThreadPoolExecutor(1) as pool:
+            approval = pool.submit(approve, c, ready)
+            _wait_for(lambda: get(c, ready["id"])["status"] == "approved")
+            if second == "periodic-retry":
+                svc.retry_writes()
+            else:
+                approve(c, ready)
+            done = approval.result()
+        assert done.status_code == 200, done.text
+        one_written(sandbox, key, done.json()["writtenReference"])
+        assert proxy.writes.transactions == 1
+
+
 def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
