@@ -66,6 +66,9 @@ NUCC: Final = "http://nucc.org/provider-taxonomy"
 PROVENANCE_AGENT_TYPE: Final = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 DATA_OPERATION: Final = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 _CACHE_MAX: Final = 10_000
+WRITE_LEASE_S: Final = 120.0
+"""How long one writer holds an approved draft's write: longer than any FHIR timeout, short enough that a
+crashed writer's draft is retried soon."""
 
 Json = dict[str, Any]
 
@@ -358,6 +361,8 @@ class ReviewService:
         self.engine, self.fhir, self.scanner = engine, fhir, scanner
         self.zone, self.config, self.now = zone, config, now
         self.authorization = re.compile(authorization_pattern)
+        self.worker = f"writer-{uuid.uuid4()}"
+        self.write_lease_s = WRITE_LEASE_S
 
     def get(self, draft_id: str) -> Draft:
         draft = store.get_draft(self.engine, draft_id)
@@ -542,6 +547,12 @@ class ReviewService:
 
     async def _write(self, draft: Draft, actor: str) -> Draft:
         now = self.now()
+        if not store.claim_write(self.engine, draft.id, worker=self.worker, now=now, lease_s=self.write_lease_s):
+            raise ReviewError(
+                409,
+                "the prescription is being written to the EHR right now; reload the draft in a moment",
+                extra={"draftStatus": draft.status},
+            )
         try:
             reference = await write_approved(self.fhir, draft, zone=self.zone)
         except FhirError as exc:

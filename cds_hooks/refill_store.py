@@ -607,11 +607,32 @@ def record_write(
             values = {"status": "write-failed", "last_error": error}
             action = "write-failed"
         conn.execute(
-            update(refill_draft).where(refill_draft.c.id == draft_id).values(**values, updated_at=now, updated_by=actor)
+            update(refill_draft)
+            .where(refill_draft.c.id == draft_id)
+            .values(**values, updated_at=now, updated_by=actor, claimed_by=None, claimed_until=None)
         )
         before, after = _diff(current, values)
         _audit(conn, draft_id, now, actor, action, before, after, error)
         return _load(conn, draft_id)
+
+
+def claim_write(engine: Engine, draft_id: str, *, worker: str, now: datetime, lease_s: float) -> bool:
+    """Take the right to write an ``approved`` / ``write-failed`` draft to the FHIR server until
+    ``now + lease_s``: one conditional UPDATE, so while one write is in flight no other (a retried approval,
+    the periodic retry, another replica) is sent. `record_write` releases it; a crashed writer's lease runs
+    out. False when someone else holds it or the draft is not awaiting its write."""
+    _aware(now)
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(refill_draft)
+            .where(
+                refill_draft.c.id == draft_id,
+                refill_draft.c.status.in_(("approved", "write-failed")),
+                or_(refill_draft.c.claimed_until.is_(None), refill_draft.c.claimed_until <= now),
+            )
+            .values(claimed_by=worker, claimed_until=now + timedelta(seconds=lease_s))
+        )
+        return result.rowcount == 1
 
 
 def claim_batch(engine: Engine, *, worker: str, limit: int, now: datetime, lease_s: float) -> list[Draft]:

@@ -331,6 +331,19 @@ def test_write_outcomes_failed_then_written_once(engine: Engine) -> None:
     assert trail[3].after == {"status": "written", "written_reference": "MedicationRequest/new-1", "last_error": None}
 
 
+def test_one_write_at_a_time_until_its_outcome_is_recorded_or_its_lease_runs_out(engine: Engine) -> None:
+    draft = approvable(engine)
+    assert not store.claim_write(engine, draft.id, worker="w1", now=NOW, lease_s=60)  # pending: nothing to write
+    store.decide(engine, draft.id, expected_version=1, decision="approved", actor=PHARMACIST_A, now=NOW)
+    assert store.claim_write(engine, draft.id, worker="w1", now=NOW, lease_s=60)
+    assert not store.claim_write(engine, draft.id, worker="w2", now=NOW + timedelta(seconds=59), lease_s=60)
+    assert store.claim_write(engine, draft.id, worker="w2", now=NOW + timedelta(seconds=60), lease_s=60)  # expired
+    store.record_write(engine, draft.id, error="timed out", actor=PHARMACIST_A, now=NOW + timedelta(seconds=61))
+    assert store.claim_write(engine, draft.id, worker="w3", now=NOW + timedelta(seconds=62), lease_s=60)  # released
+    store.record_write(engine, draft.id, written_reference="MedicationRequest/w", actor="a", now=NOW)
+    assert not store.claim_write(engine, draft.id, worker="w4", now=NOW + timedelta(hours=1), lease_s=60)  # written
+
+
 def test_two_writers_recording_the_same_result_at_once_write_it_once(
     engines: Callable[[], Engine], engine: Engine
 ) -> None:
