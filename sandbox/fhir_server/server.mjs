@@ -14,6 +14,7 @@ import {
   badRequest,
   convertToSearchableReferences,
   deepClone,
+  escapeSearchValue,
   evalFhirPath,
   evalFhirPathTyped,
   getResourceTypes,
@@ -24,6 +25,7 @@ import {
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
   isResourceType,
+  matchesSearchRequest,
   normalizeOperationOutcome,
   notFound,
   parseFhirPath,
@@ -248,7 +250,7 @@ function pageQuery(rawQuery, count, offset) {
   return pairs.join('&');
 }
 
-// The reference search parameters the store indexes (see TestRepository.candidates).
+// The reference search parameters the store indexes (see TestRepository.indexedMatches).
 const INDEXED_REFERENCES = ['patient', 'subject'];
 // How many searches keep their sorted matches between writes (offset paging repeats one search per page).
 const SEARCH_CACHE_SIZE = 8;
@@ -533,31 +535,21 @@ class TestRepository extends MemoryRepository {
   }
 
   /**
-   * MemoryRepository.searchSync evaluates every filter on every stored resource of the type. When a filter is
-   * `patient`, `subject` or `_id` = a list of values, it evaluates only the candidates the index gives for it
-   * instead, in the store's order: Medplum's matcher still applies every filter, so the answer is the same.
-   * (searchSync is private in TypeScript, a method at runtime; conditional create calls it too.)
+   * Stored resources (not clones) matching a search, in the store's order, when one of its filters is `patient`,
+   * `subject` or `_id` = a list of values: only the candidates the index gives for that filter are evaluated,
+   * each with Medplum's matcher and every filter, as MemoryRepository.searchSync does with every resource.
+   * Undefined when no filter is indexed: then the search evaluates every resource of the type.
    */
-  searchSync(searchRequest) {
-    const candidates = this.candidates(searchRequest);
-    if (!candidates) {
-      return super.searchSync(searchRequest);
-    }
-    // The same search over a view of the store whose Map for this type holds only the candidates.
-    const resources = new Map(this.resources).set(searchRequest.resourceType, candidates);
-    return super.searchSync.call(Object.create(this, { resources: { value: resources } }), searchRequest);
-  }
-
-  /** Map id -> stored resource, in store order, of the resources the search can match; undefined: all of them. */
-  candidates({ resourceType, filters = [] }) {
+  indexedMatches(searchRequest) {
+    const { resourceType, filters = [] } = searchRequest;
     if (!this.useIndex || filters.some((filter) => filter.code.includes('.'))) {
-      return undefined; // a chained filter reads referenced resources, maybe of this same type, from the store
+      return undefined; // a chained filter reads referenced resources from the store (MemoryRepository's code)
     }
     let best;
     for (const filter of filters) {
-      const ids = this.indexedIds(resourceType, filter);
-      if (ids && (!best || ids.size < best.size)) {
-        best = ids; // every filter must match: the smallest superset will do
+      const candidates = this.indexedCandidates(resourceType, filter);
+      if (candidates && (!best || candidates.size < best.candidates.size)) {
+        best = { filter, candidates }; // every filter must match: the smallest superset will do
       }
     }
     if (!best) {
@@ -565,42 +557,83 @@ class TestRepository extends MemoryRepository {
     }
     const stored = this.resources.get(resourceType) ?? new Map();
     const positions = this.position.get(resourceType);
-    const ids = [...best].filter((id) => stored.has(id)).sort((a, b) => positions.get(a) - positions.get(b));
-    return new Map(ids.map((id) => [id, stored.get(id)]));
-  }
-
-  /** Ids of every resource that can match one `patient`/`subject`/`_id` filter; undefined for other filters. */
-  indexedIds(resourceType, filter) {
-    if (filter.operator !== Operator.EQUALS || !filter.value) {
-      return undefined; // an empty value matches resources without the reference, which the index cannot list
-    }
-    const ids = new Set();
-    const param = getSearchParameter(resourceType, filter.code);
-    if (filter.code === '_id' && param?.type === 'token' && param.expression === `${resourceType}.id`) {
-      // A token: `id` or `|id` (no system) matches, ignoring case.
-      const stored = this.resources.get(resourceType);
-      for (const value of splitSearchOnComma(filter.value)) {
-        const id = (value.includes('|') ? value.split('|')[1] : value).toLowerCase();
-        if (stored?.has(id)) {
-          ids.add(id);
+    const ids = [...best.candidates.keys()].filter((id) => stored.has(id));
+    ids.sort((a, b) => positions.get(a) - positions.get(b));
+    // Medplum splits a filter's comma list again for every resource: with 100 patients, most of the time. Each
+    // candidate is matched with the indexed filter narrowed to the values that share its key, the only ones
+    // that can match it: the same answer.
+    const requests = new Map();
+    return ids
+      .map((id) => stored.get(id))
+      .filter((resource) => {
+        const value = best.candidates.get(resource.id);
+        if (!requests.has(value)) {
+          const narrowed = filters.map((filter) => (filter === best.filter ? { ...filter, value } : filter));
+          requests.set(value, { ...searchRequest, filters: narrowed });
         }
-        this.foldedIds.get(resourceType)?.get(id)?.forEach((other) => ids.add(other));
-      }
-      return ids;
-    }
-    if (!indexedParameters(resourceType).some(({ code }) => code === filter.code)) {
-      return undefined;
-    }
-    const index = this.refIndex.get(resourceType);
-    for (const key of [...splitSearchOnComma(filter.value).map(lastSegment), '*']) {
-      index?.get(`${filter.code}|${key}`)?.forEach((id) => ids.add(id));
-    }
-    return ids;
+        return matchesSearchRequest(resource, requests.get(value));
+      });
   }
 
   /**
-   * Ids of every match of a search, sorted, and the matching resources (clones) when just evaluated. Paging
-   * with _offset repeats one search per page; its ids are kept until the next write (`reindex` empties it).
+   * For a `patient`/`subject`/`_id` = list filter: Map from the id of every resource that can match it to the
+   * filter's value narrowed to the values that can match that resource. Undefined for other filters.
+   */
+  indexedCandidates(resourceType, filter) {
+    if (filter.operator !== Operator.EQUALS || !filter.value) {
+      return undefined; // an empty value matches resources without the reference, which the index cannot list
+    }
+    let keyOf;
+    let idsOf;
+    const param = getSearchParameter(resourceType, filter.code);
+    if (filter.code === '_id' && param?.type === 'token' && param.expression === `${resourceType}.id`) {
+      // A token: `id` or `|id` (no system) matches, ignoring case.
+      keyOf = (value) => (value.includes('|') ? value.split('|')[1] : value).toLowerCase();
+      idsOf = (key) => [
+        ...(this.resources.get(resourceType)?.has(key) ? [key] : []),
+        ...(this.foldedIds.get(resourceType)?.get(key) ?? []),
+      ];
+    } else if (indexedParameters(resourceType).some(({ code }) => code === filter.code)) {
+      keyOf = lastSegment;
+      idsOf = (key) => this.refIndex.get(resourceType)?.get(`${filter.code}|${key}`) ?? [];
+    } else {
+      return undefined;
+    }
+    const valuesByKey = new Map();
+    for (const value of splitSearchOnComma(filter.value)) {
+      getOrCreate(valuesByKey, keyOf(value), () => []).push(escapeSearchValue(value));
+    }
+    const candidates = new Map();
+    for (const [key, values] of valuesByKey) {
+      for (const id of idsOf(key)) {
+        const other = candidates.get(id); // a resource with references of several keys
+        candidates.set(id, other === undefined ? values.join(',') : `${other},${values.join(',')}`);
+      }
+    }
+    for (const id of filter.code === '_id' ? [] : idsOf('*')) {
+      candidates.set(id, filter.value); // references that could not be read at write time: the whole list
+    }
+    return candidates;
+  }
+
+  searchSync(searchRequest) {
+    // Private in TypeScript, a method at runtime: MemoryRepository's conditional create searches with it.
+    const matched = searchRequest.sortRules?.length ? undefined : this.indexedMatches(searchRequest);
+    if (!matched) {
+      return super.searchSync(searchRequest);
+    }
+    let page = matched.slice(searchRequest.offset ?? 0);
+    if (searchRequest.count !== undefined) {
+      page = page.slice(0, searchRequest.count);
+    }
+    const entry = page.map((resource) => ({ search: { mode: 'match' }, resource: deepClone(resource) }));
+    return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total: matched.length };
+  }
+
+  /**
+   * Ids of every match of a search, sorted, and the matches as clones when MemoryRepository's search found them
+   * (through the index, only the page is cloned, from the store). Paging with _offset repeats one search per
+   * page: its ids are kept until the next write (`reindex` empties the cache).
    */
   matches(searchRequest) {
     const { resourceType, filters, sortRules } = searchRequest;
@@ -609,24 +642,27 @@ class TestRepository extends MemoryRepository {
     if (cached) {
       return { ids: cached };
     }
-    const matched = this.searchSync({
-      ...searchRequest,
-      sortRules: undefined,
-      offset: undefined,
-      count: undefined,
-      include: undefined,
-      revInclude: undefined,
-    });
-    const resources = (matched.entry ?? []).map((entry) => entry.resource);
+    const stored = this.indexedMatches(searchRequest);
+    const { entry = [] } = stored
+      ? {}
+      : super.searchSync({
+          ...searchRequest,
+          sortRules: undefined,
+          offset: undefined,
+          count: undefined,
+          include: undefined,
+          revInclude: undefined,
+        });
+    const resources = stored ?? entry.map((e) => e.resource);
     if (sortRules?.length) {
-      resources.sort(compareBySortRules(resourceType, sortRules));
+      resources.sort(compareBySortRules(resourceType, sortRules)); // reads the stored resources, changes nothing
     }
     const ids = resources.map((resource) => resource.id);
     this.searchCache.set(key, ids);
     if (this.searchCache.size > SEARCH_CACHE_SIZE) {
       this.searchCache.delete(this.searchCache.keys().next().value); // the oldest
     }
-    return { ids, resources };
+    return stored ? { ids } : { ids, resources };
   }
 
   async search(searchRequest) {
@@ -638,7 +674,7 @@ class TestRepository extends MemoryRepository {
     const count = Math.min(searchRequest.count ?? DEFAULT_PAGE_SIZE, DEFAULT_MAX_SEARCH_COUNT);
     const offset = searchRequest.offset ?? 0;
     const { ids, resources } = this.matches(searchRequest);
-    // From the cache, the page is cloned from the store, which has not changed since the ids were found.
+    // Otherwise cloned from the store, which has not changed since the ids were found.
     const page = resources
       ? resources.slice(offset, offset + count)
       : ids.slice(offset, offset + count).map((id) => deepClone(this.resources.get(resourceType).get(id)));

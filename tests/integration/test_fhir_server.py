@@ -578,6 +578,8 @@ def load_file_for_index_comparison(path: Path) -> Path:
             }
         )
     resources.append({"resourceType": "Observation", "id": "ix-none", "status": "final", "code": {"text": "none"}})
+    participants = [{"actor": {"reference": f"Patient/{pid}"}, "status": "accepted"} for pid in ("ix-p1", "ix-p2")]
+    resources.append({"resourceType": "Appointment", "id": "ix-ap", "status": "proposed", "participant": participants})
     entries = [
         {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources
     ]
@@ -601,6 +603,10 @@ INDEX_QUERIES = [
     "Observation?patient=ix-p1&subject=Patient/ix-p1",
     "Observation?patient:missing=true",
     "Observation?patient=ix-p2&_id=ix-o1,ix-o2,ix-o8",
+    "Observation?patient=ix-p1,Patient/ix-p1,ix-p1,Patient/ix-p9",
+    "Observation?subject=Patient/ix-p1\\,ix-p2,Patient/ix-p3",
+    "Appointment?patient=ix-p2,ix-p1",
+    "Appointment?patient=ix-p2&_id=ix-ap",
     "MedicationRequest?patient=ix-p1,ix-p2&status=active",
     "MedicationRequest?subject=Patient/ix-p1&_include=MedicationRequest:subject",
     "Patient?_id=ix-p1,IX-P2,|ix-p3,urn:x|ix-p1,ix-mixed,nope",
