@@ -327,13 +327,16 @@ def report(results: list[dict[str, Any]], runs: int, out: Any) -> dict[str, Any]
             f" {best_bare:>6.1f} ({statistics.median(bare_s):>5.1f}) {_fmt_ratio(ratio, SPEED_TARGET):>14}"
             f" {int(first['requests']):>5} {rss:>8.0f} {traced:>9.1f}\n"
         )
-        failed = sum(int(s["report"]["failed"]) for s in r["scans"])
-        digests = {s["urls_digest"] for s in [*r["scans"], *r["bares"]]}
-        counts = {int(s["requests"]) for s in [*r["scans"], *r["bares"]]}
-        if failed or len(digests) > 1 or len(counts) > 1:
+        everything = [*r["scans"], *r["bares"]]
+        failed = [int(s["report"]["failed"]) for s in everything]
+        reasons = sorted({f["reason"] for s in everything for f in s["report"]["failures"]})
+        digests = {s["urls_digest"] for s in everything}
+        counts = sorted({int(s["requests"]) for s in everything})
+        if any(failed) or len(digests) > 1:
             out.write(
-                f"    WARNING {r['patients']}: {failed} patients failed; request sets scan vs bare "
-                f"{'differ' if len(digests) > 1 else 'identical'} (counts {sorted(counts)})\n"
+                f"    WARNING {r['patients']}: patients failed per run (scans, then bare) {failed}: "
+                f"{'; '.join(reasons[:3]) or '-'}; request URLs of scan and bare "
+                f"{'differ' if len(digests) > 1 else 'identical'} (counts {counts}; a failed batch skips some)\n"
             )
         summary[str(r["patients"])] = {
             "load_s": r["load_s"],
@@ -346,6 +349,7 @@ def report(results: list[dict[str, Any]], runs: int, out: Any) -> dict[str, Any]
             "rss_before_mb": first["rss_before_mb"],
             "rss_delta_mb": rss,
             "traced_peak_mb": traced,
+            "failed": failed,
             "engine_mb": [r["engine_mb"], r["engine_after_mb"]],
         }
     out.write(
