@@ -627,7 +627,8 @@ class TestRepository extends MemoryRepository {
       page = page.slice(0, searchRequest.count);
     }
     const entry = page.map((resource) => ({ search: { mode: 'match' }, resource: deepClone(resource) }));
-    return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total: matched.length };
+    const bundle = { resourceType: 'Bundle', type: 'searchset', total: matched.length };
+    return entry.length ? { ...bundle, entry } : bundle;
   }
 
   /**

@@ -503,6 +503,25 @@ def test_id_list_search(fhir: httpx.Client) -> None:
     assert fhir.get("Patient", params={"_id": second}).json()["total"] == 1
 
 
+def test_conditional_create_on_a_patient_search(fhir: httpx.Client) -> None:
+    a, b = make_patient(fhir), make_patient(fhir)
+    hcg = observation(a, URINE_HCG, "2026-01-05")
+    condition = {"If-None-Exist": f"patient={a},{b}&code={LOINC}|{URINE_HCG}"}
+
+    first = fhir.post("Observation", json=hcg, headers=fhir_headers(**condition))
+    again = fhir.post("Observation", json=hcg, headers=fhir_headers(**condition))
+    for_b = fhir.post("Observation", json=observation(b, URINE_HCG, "2026-01-05"), headers=fhir_headers(**condition))
+    other_code = {"If-None-Exist": f"patient={b}&code={LOINC}|{PLATELETS}"}
+    platelets = fhir.post(
+        "Observation", json=observation(b, PLATELETS, "2026-01-05"), headers=fhir_headers(**other_code)
+    )
+
+    assert (first.status_code, again.status_code, platelets.status_code) == (201, 200, 201)
+    assert again.json()["id"] == first.json()["id"]
+    assert for_b.status_code == 200  # the condition names both patients: a's test matches
+    assert fhir.get("Observation", params={"patient": f"{a},{b}"}).json()["total"] == 2
+
+
 def test_failed_transaction_leaves_patient_searches_as_they_were(fhir: httpx.Client, fhir_server: str) -> None:
     a, b = make_patient(fhir), make_patient(fhir)
     o1, o2, o3 = (create(fhir, observation(a, PLATELETS, f"2026-01-0{day}T10:00:00Z")) for day in (1, 2, 3))
