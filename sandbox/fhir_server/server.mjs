@@ -340,8 +340,8 @@ class TestRepository extends MemoryRepository {
   /** After a write that replaced `prior`: index the new state and, in a transaction, log how to undo it. */
   wrote(prior) {
     const { resourceType, id } = prior;
-    this.reindex(resourceType, id, prior.resource, this.resources.get(resourceType)?.get(id));
     this.undoLog?.push(prior);
+    this.reindex(resourceType, id, prior.resource, this.resources.get(resourceType)?.get(id));
   }
 
   /** The index keys of one stored version: `code|key` for each patient/subject reference it holds. */
@@ -372,13 +372,14 @@ class TestRepository extends MemoryRepository {
       getOrCreate(index, key, () => new Set()).add(id);
     }
     const positions = getOrCreate(this.position, resourceType);
-    const folded = id.toLowerCase() === id ? undefined : getOrCreate(this.foldedIds, resourceType);
+    const lower = String(id).toLowerCase();
+    const folded = lower === id ? undefined : getOrCreate(this.foldedIds, resourceType);
     if (!after) {
       positions.delete(id);
-      folded?.get(id.toLowerCase())?.delete(id);
+      folded?.get(lower)?.delete(id);
     } else if (!positions.has(id)) {
       positions.set(id, position ?? ++this.inserted);
-      folded && getOrCreate(folded, id.toLowerCase(), () => new Set()).add(id);
+      folded && getOrCreate(folded, lower, () => new Set()).add(id);
     }
   }
 
@@ -543,7 +544,7 @@ class TestRepository extends MemoryRepository {
   indexedMatches(searchRequest) {
     const { resourceType, filters = [] } = searchRequest;
     if (!this.useIndex || filters.some((filter) => filter.code.includes('.'))) {
-      return undefined; // a chained filter reads referenced resources from the store (MemoryRepository's code)
+      return undefined; // chained filters are evaluated only by MemoryRepository.searchSync's own code
     }
     let best;
     for (const filter of filters) {
