@@ -140,6 +140,7 @@ refill_draft = Table(
     CheckConstraint("version >= 1", name="version"),
     Index(None, "status", "days_left", "blocking", "runs_out"),
     Index(None, "status", "checked_at"),
+    Index(None, "patient_id", "status"),
 )
 """One drafted refill per (patient_id, prior_order); see the module docstring for the statuses."""
 

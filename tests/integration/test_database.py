@@ -48,7 +48,7 @@ def test_migrate_creates_the_schema_and_is_idempotent(engines: Callable[[], Engi
     assert db.current_revision(engine) is None
     db.migrate(engine)
     db.migrate(engine)
-    assert db.current_revision(engine) == HEAD == "0002_refill_drafts"
+    assert db.current_revision(engine) == HEAD == "0003_refill_draft_patient"
     tables = set(inspect(engine).get_table_names())
     assert {"cds_jti", "cds_feedback", "alembic_version"} <= tables
     with engine.connect() as connection:

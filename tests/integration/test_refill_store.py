@@ -88,7 +88,7 @@ def drafts_count(engine: Engine) -> int:
 def test_migration_applies_from_empty_and_matches_the_tables(engines: Callable[[], Engine]) -> None:
     engine = engines()
     db.migrate(engine)
-    assert db.current_revision(engine) == "0002_refill_drafts"
+    assert db.current_revision(engine) == "0003_refill_draft_patient"
     assert {"refill_draft", "refill_check", "refill_audit"} <= set(inspect(engine).get_table_names())
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
@@ -98,6 +98,8 @@ def test_migration_applies_from_empty_and_matches_the_tables(engines: Callable[[
         "uq_refill_draft_patient_id_prior_order": ["patient_id", "prior_order"],
         "uq_refill_draft_request_key": ["request_key"],
     }
+    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("refill_draft")}
+    assert indexes["ix_refill_draft_patient_id_status"] == ["patient_id", "status"]  # the scan's per-patient lookups
 
 
 def test_migration_applies_from_r0001_keeping_data_and_downgrades(engines: Callable[[], Engine]) -> None:
@@ -108,7 +110,7 @@ def test_migration_applies_from_r0001_keeping_data_and_downgrades(engines: Calla
     assert db.current_revision(engine) == "0001_jti_and_feedback"
     assert "refill_draft" not in inspect(engine).get_table_names()
     db.migrate(engine)
-    assert db.current_revision(engine) == "0002_refill_drafts"
+    assert db.current_revision(engine) == "0003_refill_draft_patient"
     approvable(engine)
     with engine.connect() as connection:
         assert connection.execute(select(db.cds_jti.c.jti)).scalars().all() == ["j"]
@@ -118,7 +120,7 @@ def test_migration_applies_from_r0001_keeping_data_and_downgrades(engines: Calla
     assert not tables & {"refill_draft", "refill_check", "refill_audit"}
     assert "cds_jti" in tables
     db.migrate(engine)  # and up again: the triggers and function were dropped with the tables
-    assert db.current_revision(engine) == "0002_refill_drafts"
+    assert db.current_revision(engine) == "0003_refill_draft_patient"
 
 
 # --- upsert: scans ----------------------------------------------------------------------------------
