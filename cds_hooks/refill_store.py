@@ -763,6 +763,13 @@ def set_error(engine: Engine, draft_id: str, error: str | None, *, actor: str, n
         return _load(conn, draft_id)
 
 
+def _skip_locked(conn: Connection, query: Any) -> Any:
+    """On PostgreSQL, lock the rows read and skip those another transaction holds (another replica's scan
+    withdrawing the same drafts, a pharmacist's decision in flight): they are left to that transaction, and
+    the versioned UPDATE in `_withdraw` guards the rest. SQLite serialises writers anyway."""
+    return query.with_for_update(skip_locked=True) if conn.dialect.name == "postgresql" else query
+
+
 def _withdraw(conn: Connection, row: Any, now: datetime, reason: str) -> bool:
     result = conn.execute(
         update(refill_draft)
@@ -795,8 +802,11 @@ def withdraw_superseded(engine: Engine, patient_id: str, *, current: Iterable[st
     keep = set(current)
     with engine.begin() as conn:
         rows = conn.execute(
-            select(refill_draft.c.id, refill_draft.c.version, refill_draft.c.prior_order).where(
-                refill_draft.c.patient_id == patient_id, refill_draft.c.status == "pending"
+            _skip_locked(
+                conn,
+                select(refill_draft.c.id, refill_draft.c.version, refill_draft.c.prior_order).where(
+                    refill_draft.c.patient_id == patient_id, refill_draft.c.status == "pending"
+                ),
             )
         ).all()
         stale = [row for row in rows if row.prior_order not in keep]
@@ -809,8 +819,11 @@ def withdraw_unseen(engine: Engine, seen: set[str], *, now: datetime, reason: st
     _aware(now)
     with engine.begin() as conn:
         rows = conn.execute(
-            select(refill_draft.c.id, refill_draft.c.version, refill_draft.c.patient_id).where(
-                refill_draft.c.status == "pending"
+            _skip_locked(
+                conn,
+                select(refill_draft.c.id, refill_draft.c.version, refill_draft.c.patient_id).where(
+                    refill_draft.c.status == "pending"
+                ),
             )
         ).all()
         return sum(1 for row in rows if row.patient_id not in seen and _withdraw(conn, row, now, reason))
