@@ -42,11 +42,12 @@ def redact(url: str) -> str:
     return parts.path + ("?…" if parts.query else "")
 
 
-def _outcome_text(content: bytes) -> str:
+def outcome_text(content: bytes, limit: int = 200) -> str:
+    """``": <the OperationOutcome's first message>"`` (at most `limit` characters), or "" when there is none."""
     try:
         issue = orjson.loads(content)["issue"][0]
         text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
-        return f": {str(text)[:200]}" if text else ""
+        return f": {str(text)[:limit]}" if text else ""
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         return ""
 
@@ -107,7 +108,7 @@ class FhirClient:
         if status >= 400:
             retryable = status >= 500 or status in (408, 429)
             raise FhirError(
-                f"FHIR server answered {status} on {method} {redact(url)}{_outcome_text(response.content)}",
+                f"FHIR server answered {status} on {method} {redact(url)}{outcome_text(response.content)}",
                 status=status,
                 retryable=retryable,
             )
@@ -147,7 +148,7 @@ class FhirClient:
             if bundle is None:
                 raise FhirError(f"FHIR server answered an empty body on GET {redact(url)}")
             yield _entries(bundle, url)
-            nxt = _next_link(bundle)
+            nxt = next_link(bundle)
             if nxt is None:
                 return
             nxt = urljoin(url, nxt)
@@ -167,7 +168,7 @@ class FhirClient:
         return out
 
 
-def _next_link(bundle: Mapping[str, Any]) -> str | None:
+def next_link(bundle: Mapping[str, Any]) -> str | None:
     links = bundle.get("link")
     if not isinstance(links, list):
         return None

@@ -22,6 +22,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 import orjson
 
+from cds_hooks.fhir_client import next_link, outcome_text, redact
 from fhir_mappings import InvalidInput
 
 log = logging.getLogger("imid_rems.prefetch")
@@ -128,47 +129,21 @@ async def _get_json(client: httpx.AsyncClient, source: FhirSource, url: str, key
     try:
         response = await client.get(url, headers=source.headers())
     except httpx.HTTPError as exc:
-        raise FetchFailed(key, f"fhirServer {_describe(exc)} for {_redact(url)}") from None
+        raise FetchFailed(key, f"fhirServer {_describe(exc)} for {redact(url)}") from None
     if response.status_code in (404, 410):
         return None
     if response.status_code >= 400:
-        detail = _outcome_text(response.content)
-        raise FetchFailed(key, f"fhirServer answered {response.status_code} for {_redact(url)}{detail}")
+        detail = outcome_text(response.content, 160)
+        raise FetchFailed(key, f"fhirServer answered {response.status_code} for {redact(url)}{detail}")
     if len(response.content) > MAX_RESPONSE_BYTES:
-        raise FetchFailed(key, f"fhirServer answer over {MAX_RESPONSE_BYTES} bytes for {_redact(url)}")
+        raise FetchFailed(key, f"fhirServer answer over {MAX_RESPONSE_BYTES} bytes for {redact(url)}")
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
-        raise FetchFailed(key, f"fhirServer answered something that is not JSON for {_redact(url)}") from None
+        raise FetchFailed(key, f"fhirServer answered something that is not JSON for {redact(url)}") from None
     if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
-        raise FetchFailed(key, f"fhirServer answered JSON that is not a FHIR resource for {_redact(url)}")
+        raise FetchFailed(key, f"fhirServer answered JSON that is not a FHIR resource for {redact(url)}")
     return body
-
-
-def _redact(url: str) -> str:
-    """The path without the query: queries carry patient ids, which stay out of messages and logs."""
-    parts = urlsplit(url)
-    return parts.path + ("?…" if parts.query else "")
-
-
-def _outcome_text(content: bytes) -> str:
-    try:
-        body = orjson.loads(content)
-        issue = body["issue"][0]
-        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
-        return f": {str(text)[:160]}" if text else ""
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
-        return ""
-
-
-def _next_link(bundle: Mapping[str, Any]) -> str | None:
-    links = bundle.get("link")
-    if not isinstance(links, list):
-        return None
-    for link in links:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            return str(link["url"])
-    return None
 
 
 async def fetch_key(client: httpx.AsyncClient, source: FhirSource, key: str, relative: str) -> Any:
@@ -180,7 +155,7 @@ async def fetch_key(client: httpx.AsyncClient, source: FhirSource, key: str, rel
     entries = list(first.get("entry") or [])
     page, seen = first, {url}
     for _ in range(MAX_PAGES - 1):
-        nxt = _next_link(page)
+        nxt = next_link(page)
         if nxt is None:
             break
         nxt = urljoin(url, nxt)
@@ -196,7 +171,7 @@ async def fetch_key(client: httpx.AsyncClient, source: FhirSource, key: str, rel
         if len(entries) > MAX_ENTRIES:
             raise FetchFailed(key, f"more than {MAX_ENTRIES} resources; the query is too broad for this server")
     else:
-        if _next_link(page) is not None:
+        if next_link(page) is not None:
             raise FetchFailed(key, f"more than {MAX_PAGES} pages; stopped rather than keep the prescriber waiting")
     return {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
 
