@@ -46,6 +46,7 @@ from cds_hooks.service import check_request_drafts, drafts_of, evaluate_request,
 from cds_hooks.services import BY_ID, SERVICES, CdsService
 from cds_hooks.settings import Settings, get_settings
 from fhir_mappings import InvalidInput
+from smart_app.web import router as smart_router
 
 log = logging.getLogger("imid_rems.service")
 
@@ -253,6 +254,8 @@ def create_app(settings: Settings | None = None, *, now: Callable[[], datetime] 
             now=state.now,
         )
     )
+
+    app.include_router(smart_router(state))
 
     @app.exception_handler(InvalidInput)
     async def _invalid(_: Request, exc: InvalidInput) -> Response:

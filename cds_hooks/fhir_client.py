@@ -11,7 +11,7 @@ request is tried once more with a new one.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -52,10 +52,19 @@ def outcome_text(content: bytes, limit: int = 200) -> str:
         return ""
 
 
+class TokenSource(Protocol):
+    """Where a client's bearer token comes from: `BackendAuth` (the service's own), or a SMART app session's
+    user token (`smart_app.web`). `forget` is called after a 401 (the next `token` gets a new one)."""
+
+    async def token(self) -> str: ...
+
+    def forget(self) -> None: ...
+
+
 class FhirClient:
     """Reads and writes on one FHIR server. `auth` None: no Authorization header (an open server)."""
 
-    def __init__(self, base: str, http: httpx.AsyncClient, auth: BackendAuth | None) -> None:
+    def __init__(self, base: str, http: httpx.AsyncClient, auth: TokenSource | BackendAuth | None) -> None:
         self.base = base.rstrip("/") + "/"
         self.http = http
         self.auth = auth

@@ -465,14 +465,19 @@ class ReviewService:
         except store.Conflict as exc:
             raise ReviewError(409, str(exc)) from None
 
-    async def approve(self, draft_id: str, version: int, principal: Principal) -> Draft:
+    async def approve(
+        self, draft_id: str, version: int, principal: Principal, *, writer: FhirClient | None = None
+    ) -> Draft:
+        """Approve and write (module docstring). `writer`: the client the prescription is written with — the
+        pharmacist's own SMART session (the app), so the EHR applies and audits the pharmacist's own rights;
+        default the service's Backend Services client (the API, and the periodic retry of a failed write)."""
         self._need_pharmacist(principal, "approve")
         draft = self.get(draft_id)
         if draft.status == "written" and draft.decided_by == principal.actor:
             return draft  # a retried approval (the answer was lost): it is done, once
         if draft.status == "write-failed" or (draft.status == "approved" and draft.decided_by == principal.actor):
             # The decision stands: retry its write (same key, same content).
-            return await self._write(draft, principal.actor)
+            return await self._write(draft, principal.actor, writer)
         if draft.status != "pending" or draft.version != version:
             self._decide(draft_id, version, "approved", principal, None)  # raises the Conflict naming who
         try:
@@ -502,7 +507,7 @@ class ReviewService:
                     extra={"draft": changed},
                 )
         decided = self._decide(draft_id, version, "approved", principal, None)
-        return await self._write(decided, principal.actor)
+        return await self._write(decided, principal.actor, writer)
 
     async def retry_writes(self) -> int:
         """Write approved drafts whose write failed or never reported (periodic job). Returns how many landed."""
@@ -545,7 +550,7 @@ class ReviewService:
         except store.Conflict as exc:
             raise ReviewError(409, str(exc), extra={"version": exc.version, "draftStatus": exc.status}) from None
 
-    async def _write(self, draft: Draft, actor: str) -> Draft:
+    async def _write(self, draft: Draft, actor: str, writer: FhirClient | None = None) -> Draft:
         now = self.now()
         if not store.claim_write(self.engine, draft.id, worker=self.worker, now=now, lease_s=self.write_lease_s):
             raise ReviewError(
@@ -554,7 +559,7 @@ class ReviewService:
                 extra={"draftStatus": draft.status},
             )
         try:
-            reference = await write_approved(self.fhir, draft, zone=self.zone)
+            reference = await write_approved(writer or self.fhir, draft, zone=self.zone)
         except FhirError as exc:
             failed = store.record_write(self.engine, draft.id, error=str(exc)[:1000], actor=actor, now=now)
             raise ReviewError(

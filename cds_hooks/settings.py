@@ -89,6 +89,29 @@ class Settings(BaseSettings):
     api_token_cache_s: float = Field(default=60.0, ge=0)
     """How long an introspected bearer token (and the user's pharmacist role) is trusted before asking again."""
 
+    smart_client_id: str = "imid-rems-app"
+    """The SMART app's client id at the EHR's authorization server (a public client: PKCE, no secret)."""
+    smart_issuers: str = ""
+    """Comma-separated FHIR base URLs the SMART app may be launched from (``iss``). A launch naming any other
+    server is refused: the app would otherwise send the user's authorization request, and later the user's
+    token, wherever a link told it to. Empty: the app refuses every launch (and says so)."""
+    smart_scope: str = (
+        "launch openid fhirUser offline_access "
+        "patient/Patient.rs patient/MedicationRequest.rs patient/MedicationDispense.rs patient/Observation.rs "
+        "patient/Condition.rs patient/Procedure.rs patient/Appointment.rs patient/Medication.rs "
+        "user/MedicationRequest.crs user/Provenance.c"
+    )
+    """SMART v2 scopes the app asks for: the patient page's reads in the launch patient's compartment, and
+    what an approval writes as the pharmacist (a MedicationRequest, looked up by its key first, and its
+    Provenance). ``launch/patient`` is added for a standalone launch."""
+    smart_frame_ancestors: str | None = None
+    """CSP ``frame-ancestors`` of the app's pages (who may show them in a frame). Default: ``'self'`` and the
+    origins of `smart_issuers` (the EHR)."""
+    smart_session_lifetime_s: float = Field(default=12 * 3600.0, gt=0)
+    """How long an app session lasts after launch (the EHR's refresh token may end it sooner)."""
+    smart_refresh_margin_s: float = Field(default=120.0, ge=0)
+    """Refresh the access token when it expires within this many seconds."""
+
     @field_validator("authorization_pattern")
     @classmethod
     def _pattern_compiles(cls, v: str) -> str:
@@ -107,6 +130,9 @@ class Settings(BaseSettings):
             except (ZoneInfoNotFoundError, ValueError):
                 raise ValueError(f"unknown IANA time zone {v!r}") from None
         return v
+
+    def issuers(self) -> tuple[str, ...]:
+        return tuple(i.strip().rstrip("/") for i in self.smart_issuers.split(",") if i.strip())
 
     def zone(self) -> tzinfo:
         return ZoneInfo(self.clinic_tz) if self.clinic_tz else server_zone()

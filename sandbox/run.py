@@ -91,6 +91,8 @@ def service_env(
             ),
             "IMID_REMS_PUBLIC_BASE_URL": service_base,
             "IMID_REMS_SMART_LAUNCH_URL": f"{service_base}/smart/launch",
+            "IMID_REMS_SMART_ISSUERS": f"{sandbox_base}/fhir",
+            "IMID_REMS_SMART_CLIENT_ID": "imid-rems-app",
         }
     )
     if database_url:

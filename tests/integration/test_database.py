@@ -27,6 +27,7 @@ from cds_hooks import db
 from cds_hooks import refill_store as _refill_store  # noqa: F401  (its tables are part of db.metadata)
 from cds_hooks.auth import ReplayCache
 from cds_hooks.db import FeedbackItem
+from smart_app import sessions as _sessions  # noqa: F401  (its tables are part of db.metadata)
 from tests.support.threads import all_at_once
 
 T = TypeVar("T")
@@ -48,9 +49,9 @@ def test_migrate_creates_the_schema_and_is_idempotent(engines: Callable[[], Engi
     assert db.current_revision(engine) is None
     db.migrate(engine)
     db.migrate(engine)
-    assert db.current_revision(engine) == HEAD == "0003_refill_draft_patient"
+    assert db.current_revision(engine) == HEAD == "0004_smart_sessions"
     tables = set(inspect(engine).get_table_names())
-    assert {"cds_jti", "cds_feedback", "alembic_version"} <= tables
+    assert {"cds_jti", "cds_feedback", "smart_launch", "smart_session", "alembic_version"} <= tables
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
 
