@@ -90,6 +90,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.insecure_no_auth:
         settings = settings.model_copy(update={"cds_auth": "off"})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's full URL at INFO: FHIR queries carry patient ids, which stay out of the log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False, server_header=False)
     return 0

@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from sandbox import ehr, gateway
 from sandbox.cds_client import CdsClient
@@ -45,6 +46,23 @@ APP_SCOPE = (
     "patient/*.rs user/*.rs user/MedicationRequest.cu user/Provenance.c"
 )
 BACKEND_SCOPE = "system/*.rs system/MedicationRequest.cu system/Provenance.c"
+
+
+SMART_STYLE: dict[str, Any] = {
+    "color_background": "#fbfcfd",
+    "color_error": "#a8071a",
+    "color_highlight": "#5b2a86",
+    "color_modal_backdrop": "#1f1f1f",
+    "color_success": "#237a3b",
+    "color_text": "#1c1c28",
+    "dim_border_radius": "4px",
+    "dim_font_size": "15px",
+    "dim_spacing_size": "12px",
+    "font_family_body": "DejaVu Sans, Helvetica, Arial, sans-serif",
+    "font_family_heading": "DejaVu Sans, Helvetica, Arial, sans-serif",
+}
+"""The sandbox EHR's look, as a SMART style document (SMART App Launch 2.2 "Styling"): the app should look like
+part of the EHR; its highlight colour (purple) is distinct from imid-rems' own default (blue) so tests can tell."""
 
 
 def backend_key(state_dir: Path) -> EhrKey:
@@ -87,6 +105,7 @@ def default_config(*, base_url: str, fhir_upstream: str, service_base: str, stat
             )
         )
     return SandboxConfig(
+        smart_style_url=f"{base_url.rstrip('/')}/ehr/smart-style.json",
         base_url=base_url.rstrip("/"),
         fhir_upstream=fhir_upstream.rstrip("/"),
         cds_services_url=f"{service_base.rstrip('/')}/cds-services",
@@ -113,6 +132,11 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
     app.include_router(auth.router())
     app.include_router(gateway.router(config, auth))
     app.include_router(ehr.router(config, cds, auth, auth.issue_token, app_client_id=APP_CLIENT_ID))
+    @app.get("/ehr/smart-style.json")
+    async def smart_style() -> JSONResponse:
+        """The EHR's SMART style document (``smart_style_url`` in launches when `default_config` set it)."""
+        return JSONResponse(SMART_STYLE, headers={"Cache-Control": "max-age=300"})
+
     app.state.auth = auth
     app.state.cds = cds
     return app

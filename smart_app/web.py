@@ -67,6 +67,7 @@ from cds_hooks.refill_store import Draft
 from cds_hooks.refills import describe_failure, load_chart
 from cds_hooks.settings import Settings
 from fhir_mappings.errors import InvalidInput
+from fhir_mappings.medication import AUTHORIZATION_SYSTEM, RISK_CATEGORY_EXTENSION
 from fhir_mappings.writes import RefillEdit
 from rems.config import Config
 from smart_app import sessions
@@ -595,8 +596,6 @@ def _patient_label(patient: Mapping[str, Any]) -> str:
 
 def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The prescription in words, for the review page (the JSON follows it)."""
-    from fhir_mappings.medication import AUTHORIZATION_SYSTEM
-
     med = resource.get("medicationCodeableConcept") or {}
     coding = (med.get("coding") or [{}])[0] if isinstance(med, dict) else {}
     dispense = resource.get("dispenseRequest") or {}
@@ -613,10 +612,9 @@ def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str]]:
     )
     category = "—"
     for ext in resource.get("extension") or []:
-        concept = ext.get("valueCodeableConcept") if isinstance(ext, dict) else None
-        if isinstance(concept, dict) and "risk" in str(ext.get("url", "")).lower():
-            first = (concept.get("coding") or [{}])[0]
-            category = str(first.get("display") or first.get("code") or concept.get("text") or "—")
+        if isinstance(ext, dict) and ext.get("url") == RISK_CATEGORY_EXTENSION:
+            value = ext.get("valueCoding") or {}
+            category = f"{value.get('display') or '—'} ({value.get('code') or '?'})"
     return [
         ("Medication", str(med.get("text") or coding.get("display") or "—") if isinstance(med, dict) else "—"),
         ("Status / intent", f"{resource.get('status', '—')} / {resource.get('intent', '—')}"),
