@@ -39,6 +39,7 @@ from cds_hooks.refills import AREAS, Loaded, draft_prescription, precheck
 from fhir_mappings.resources import ResourceIndex
 from rems.config import Config
 from rems.derive import view_order
+from rems.findings import RuleCode
 from rems.model import Dispense, ImidOrder, PregnancyState, PregnancyTest, TestResult
 from rems.status import CategorySource, RemsStatus, rems_status
 from rems.timing import earliest_instant, local_day, supply_runs_out, test_good_through
@@ -48,6 +49,10 @@ DRAFTED_NEXT: Final = "drafted next prescription"
 NO_NAME: Final = "(no name)"
 AUTHORIZATION_ON_ORDER: Final = "on the order"
 AUTHORIZATION_MISSING: Final = "missing: the pharmacy cannot dispense without it"
+NEXT_NEEDS_NUMBER: Final = (
+    "the next prescription needs its own new authorization number from the REMS (entered when it is written or "
+    "approved)"
+)
 MAX_DAYS_AHEAD: Final = 60
 """The timeline never runs more than this many days past today."""
 MARGIN_DAYS: Final = 7
@@ -74,6 +79,11 @@ class AuthorizationStatus:
     """Reference of that order (``MedicationRequest/...``)."""
     note: str
     """In words: `AUTHORIZATION_ON_ORDER` or `AUTHORIZATION_MISSING`."""
+    next_prescription: str | None = None
+    """When the findings are about the drafted next prescription: that it needs its own new number
+    (`NEXT_NEEDS_NUMBER`). The drafted prescription never carries one, so its ``authorization-missing`` hard
+    stop is a to-do for the next prescription, said here once, instead of a finding about the chart repeated on
+    every patient's page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,9 +252,10 @@ def _drug_picture(
         checks, _ = precheck(loaded, draft, status, now=now, zone=zone, config=config)
         next_fill_order = DRAFTED_NEXT
     passed = tuple(c for c in checks if c.code in PASSED_CODES)
+    drafted = next_fill_order == DRAFTED_NEXT
     findings = tuple(
         sorted(
-            (c for c in checks if c.code not in PASSED_CODES),
+            (c for c in checks if c.code not in PASSED_CODES and not (drafted and c.code == _AUTHORIZATION_MISSING)),
             key=lambda c: (not c.blocking, _SEVERITY_RANK[c.severity]),
         )
     )
@@ -260,12 +271,16 @@ def _drug_picture(
             number=number,
             on_order=status.order,
             note=AUTHORIZATION_ON_ORDER if number is not None else AUTHORIZATION_MISSING,
+            next_prescription=NEXT_NEEDS_NUMBER if drafted else None,
         ),
         findings=findings,
         passed=passed,
         next_fill_order=next_fill_order,
         timeline=drug_timeline(loaded, status, now=now, zone=zone, config=config, months=months),
     )
+
+
+_AUTHORIZATION_MISSING: Final = RuleCode.AUTHORIZATION_MISSING.value
 
 
 def _is_next_fill(order: ImidOrder, status: RemsStatus, dispenses: Iterable[Dispense]) -> bool:

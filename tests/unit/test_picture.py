@@ -24,6 +24,7 @@ from smart_app.picture import (
     AUTHORIZATION_MISSING,
     AUTHORIZATION_ON_ORDER,
     DRAFTED_NEXT,
+    NEXT_NEEDS_NUMBER,
     NO_NAME,
     FillMark,
     PatientPicture,
@@ -435,9 +436,12 @@ def test_a_filled_order_is_judged_through_the_drafted_next_prescription() -> Non
     assert drug.authorization.present and drug.authorization.number == "12345678"
     assert (drug.authorization.on_order, drug.authorization.note) == ("MedicationRequest/rx1", AUTHORIZATION_ON_ORDER)
     codes = [c.code for c in drug.findings]
-    # The draft never carries an authorization number (the pharmacist enters the REMS's new one).
-    assert codes[:2] == ["authorization-missing", "pregnancy-test-stale"]
-    assert set(codes[2:]) == {"early-refill", "earliest-dispense", "pregnancy-test-plan"}
+    # The draft never carries an authorization number (the pharmacist enters the REMS's new one): that is said
+    # once in the authorization box, not as a finding about the chart.
+    assert "authorization-missing" not in codes
+    assert drug.authorization.next_prescription == NEXT_NEEDS_NUMBER
+    assert codes[:1] == ["pregnancy-test-stale"]
+    assert set(codes[1:]) == {"early-refill", "earliest-dispense", "pregnancy-test-plan"}
     assert {c.code for c in drug.passed} == {
         "check-cbc",
         "check-renal",
@@ -460,7 +464,6 @@ def test_findings_are_blocking_first_then_by_severity() -> None:
     loaded = load(chart)
     drug = patient_picture(loaded, now=NOW, zone=NY, config=default_config()).drugs[0]
     assert [(c.code, c.severity, c.blocking) for c in drug.findings] == [
-        ("authorization-missing", "critical", True),
         ("risk-category-mismatch", "critical", False),
         ("early-refill", "warning", False),
         ("cbc-overdue", "info", False),
@@ -472,7 +475,8 @@ def test_findings_are_blocking_first_then_by_severity() -> None:
     draft = draft_prescription(order, loaded.index.by_ref[order.reference], "p1", default_config())
     checks, _ = precheck(loaded, draft, drug.status, now=NOW, zone=NY, config=default_config())
     assert checks[0].code == "risk-category-mismatch"
-    assert sorted(c.code for c in checks if not c.code.startswith("check-")) == sorted(c.code for c in drug.findings)
+    pre = sorted(c.code for c in checks if not c.code.startswith("check-"))
+    assert pre == sorted(["authorization-missing", *(c.code for c in drug.findings)])
 
 
 def renewal_not_yet_filled() -> PatientChart:
