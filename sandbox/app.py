@@ -132,6 +132,7 @@ def create_sandbox_app(config: SandboxConfig) -> FastAPI:
     app.include_router(auth.router())
     app.include_router(gateway.router(config, auth))
     app.include_router(ehr.router(config, cds, auth, auth.issue_token, app_client_id=APP_CLIENT_ID))
+
     @app.get("/ehr/smart-style.json")
     async def smart_style() -> JSONResponse:
         """The EHR's SMART style document (``smart_style_url`` in launches when `default_config` set it)."""

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from cds_hooks import db
 from cds_hooks import refill_store as store
 from cds_hooks.refill_store import Blocked, Check, Conflict, Draft, NewDraft
+from smart_app import sessions as _sessions  # noqa: F401  (its tables are part of db.metadata)
 from tests.support.threads import all_at_once
 
 T = TypeVar("T")
@@ -88,7 +89,7 @@ def drafts_count(engine: Engine) -> int:
 def test_migration_applies_from_empty_and_matches_the_tables(engines: Callable[[], Engine]) -> None:
     engine = engines()
     db.migrate(engine)
-    assert db.current_revision(engine) == "0003_refill_draft_patient"
+    assert db.current_revision(engine) == "0004_smart_sessions"
     assert {"refill_draft", "refill_check", "refill_audit"} <= set(inspect(engine).get_table_names())
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
@@ -110,17 +111,17 @@ def test_migration_applies_from_r0001_keeping_data_and_downgrades(engines: Calla
     assert db.current_revision(engine) == "0001_jti_and_feedback"
     assert "refill_draft" not in inspect(engine).get_table_names()
     db.migrate(engine)
-    assert db.current_revision(engine) == "0003_refill_draft_patient"
+    assert db.current_revision(engine) == "0004_smart_sessions"
     approvable(engine)
     with engine.connect() as connection:
         assert connection.execute(select(db.cds_jti.c.jti)).scalars().all() == ["j"]
     with engine.begin() as connection:
         command.downgrade(db.alembic_config(connection), "0001_jti_and_feedback")
     tables = set(inspect(engine).get_table_names())
-    assert not tables & {"refill_draft", "refill_check", "refill_audit"}
+    assert not tables & {"refill_draft", "refill_check", "refill_audit", "smart_launch", "smart_session"}
     assert "cds_jti" in tables
     db.migrate(engine)  # and up again: the triggers and function were dropped with the tables
-    assert db.current_revision(engine) == "0003_refill_draft_patient"
+    assert db.current_revision(engine) == "0004_smart_sessions"
 
 
 # --- upsert: scans ----------------------------------------------------------------------------------
