@@ -8,10 +8,12 @@
   ``launch`` (EHR launch), ``scope``, ``state``, ``aud`` = the ``iss`` (so a token meant for this FHIR server is
   never issued for another), ``code_challenge`` (S256 of a 86-character verifier) and ``nonce``.
 - **Token answers** are checked field by field (`parse_token_answer`): a missing ``access_token``, a token type
-  other than Bearer, a non-numeric ``expires_in`` or a ``patient`` that is not a FHIR id raise `OAuthFailure`
-  naming the field. ``expires_in`` absent counts as 5 minutes (SMART only recommends it).
+  other than Bearer, an ``expires_in`` that is not a number of seconds up to a year (a larger one is no token
+  lifetime, and may not even fit a date) or a ``patient`` that is not a FHIR id raise `OAuthFailure` naming the
+  field. ``expires_in`` absent counts as 5 minutes (SMART only recommends it).
 - **id_token**: received on the back channel straight from the token endpoint, so (OpenID Connect Core
-  §3.1.3.7, item 6) its signature is not re-checked; its ``aud`` must be our client id and its ``nonce`` ours.
+  §3.1.3.7, item 6) its signature is not re-checked; its ``aud`` must be our client id and its ``nonce`` ours
+  (present: we always send one, and item 11 then requires it).
   ``fhirUser`` is read from it.
 - The tokens themselves never leave the server (`smart_app.sessions`).
 
@@ -40,6 +42,7 @@ DISCOVERY_TTL_S: Final = 300.0
 MAX_ANSWER_BYTES: Final = 1_000_000
 MAX_STYLE_BYTES: Final = 65_536
 DEFAULT_EXPIRES_IN: Final = 300
+MAX_EXPIRES_IN: Final = 366 * 24 * 3600
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _USER = re.compile(r"(?:.*/)?(Practitioner|PractitionerRole|Patient|RelatedPerson|Person)/[A-Za-z0-9\-.]{1,64}")
 
@@ -205,7 +208,7 @@ class SmartOAuth:
         audiences = aud if isinstance(aud, list) else [aud]
         if self.client_id not in audiences:
             raise OAuthFailure(title, "the id_token was issued to another client (aud)")
-        if "nonce" in claims and claims["nonce"] != launch.nonce:
+        if claims.get("nonce") != launch.nonce:
             raise OAuthFailure(title, "the id_token's nonce is not the one this launch sent")
         user = claims.get("fhirUser")
         if user is None:
@@ -250,6 +253,8 @@ def parse_token_answer(body: dict[str, Any], now: datetime, title: str, *, previ
     expires_in = body.get("expires_in", DEFAULT_EXPIRES_IN)
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
         raise OAuthFailure(title, "the token answer's expires_in is not a positive number of seconds")
+    if expires_in > MAX_EXPIRES_IN:
+        raise OAuthFailure(title, "the token answer's expires_in is over a year")
     scope = body.get("scope", previous_scope)
     if not isinstance(scope, str):
         raise OAuthFailure(title, "the token answer has no scope")
@@ -293,12 +298,18 @@ STYLE_KEYS: Final = {
 
 def sanitize_style(doc: dict[str, Any]) -> dict[str, str]:
     """The SMART style document's known keys whose values are plain colours, sizes or font names, as CSS custom
-    properties (``--ehr-text`` ...). Anything else is dropped: the values end up in a stylesheet."""
+    properties (``--ehr-text`` ...). Anything else is dropped: the values end up in a stylesheet.
+
+    Quotes are taken out of font lists (``'Times New Roman'`` → ``Times New Roman``, the same family for CSS): the
+    page's template escapes them as HTML (``&#39;``), which a ``<style>`` element does not decode."""
     out: dict[str, str] = {}
     for key, (prop, pattern) in STYLE_KEYS.items():
         value = doc.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and pattern is _DIM:
             value = f"{value}px"
-        if isinstance(value, str) and pattern.fullmatch(value.strip()):
-            out[prop] = value.strip()
+        if not isinstance(value, str) or not pattern.fullmatch(value.strip()):
+            continue
+        value = value.replace("'", "").replace('"', "").strip() if pattern is _FONT else value.strip()
+        if value:
+            out[prop] = value
     return out
