@@ -3,11 +3,12 @@
 `create_sandbox_app(config)` mounts:
 
 - `sandbox.smart_auth` — ``/fhir/.well-known/smart-configuration``, ``/auth/authorize``, ``/auth/token``,
-  ``/auth/jwks``;
+  ``/auth/introspect``, ``/auth/jwks``;
 - `sandbox.gateway` — ``/fhir/...``: the FHIR base apps and the CDS service are given (token and scope
   checked, forwarded to the Medplum engine);
 - `sandbox.ehr` — ``/`` (launcher), ``/ehr/patients/{id}`` (fires the CDS hooks, shows the cards),
-  ``/.well-known/jwks.json`` (the key the sandbox signs its CDS Hooks JWTs with).
+  ``/.well-known/jwks.json`` (the key the sandbox signs its CDS Hooks JWTs with);
+- ``/ehr/smart-style.json`` — the EHR's SMART style document (`SMART_STYLE`; ``smart_style_url`` in launches).
 
 `default_config` registers the clients `make run` needs:
 

@@ -9,6 +9,7 @@ server, never from the page itself.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -119,6 +120,32 @@ def test_card_link_opens_the_app_on_the_patient_view(ehr: Ehr, page: Page) -> No
     page.get_by_role("button", name="Open the REMS timeline").first.click()
     page.wait_for_url(re.compile(r"/smart/s/[^/]+/patient"))
     expect(page.locator(f'section.drug[data-drug="{plan.drug.value}"]')).to_be_visible()
+
+
+def test_app_context_of_a_card_opens_the_finding_it_is_about(ehr: Ehr, page: Page) -> None:
+    """A card's ``smart`` link carries ``appContext`` (`cds_hooks.cards`): the patient view with the finding of
+    the card's rule in focus."""
+    plan = ehr.seeded(category="adult-female-rp", problem="stale-test")
+    rule = PROBLEMS["stale-test"]
+    context = json.dumps({"view": "patient", "order": f"MedicationRequest/{plan.active_order}", "rule": rule})
+    page.goto(ehr.launch_url(user=PRESCRIBER, patient=plan.patient_id, app_context=context))
+    page.wait_for_url(re.compile(rf"/patient#finding-{rule}$"))
+    focused = page.locator(f"#finding-{rule}")
+    expect(focused).to_have_attribute("aria-current", "true")
+    expect(focused).to_have_class(re.compile(r"\bfocus\b"))
+    expect(page.locator("li.finding.focus")).to_have_count(1)
+
+
+def test_app_context_of_a_refill_card_opens_the_draft(ehr: Ehr, page: Page, drafted: list[Draft]) -> None:
+    target = drafted[0]
+    context = json.dumps({"view": "worklist", "order": target.prior_order})
+    page.goto(ehr.launch_url(user=PHARMACIST, patient=target.patient_id, app_context=context))
+    page.wait_for_url(re.compile(rf"/drafts/{target.id}$"))
+    expect(page.locator("h1")).to_contain_text(target.drug.capitalize())
+    # Without a draft for that order the worklist opens instead.
+    other = json.dumps({"view": "worklist", "order": "MedicationRequest/not-drafted"})
+    page.goto(ehr.launch_url(user=PHARMACIST, patient=target.patient_id, app_context=other))
+    page.wait_for_url(re.compile(r"/worklist$"))
 
 
 def test_no_patient_banner_when_the_ehr_shows_its_own(ehr: Ehr, page: Page) -> None:
