@@ -201,6 +201,13 @@ class SmartApp:
         iss, launch = params.get("iss"), params.get("launch")
         if launch is not None and not iss:
             raise PageError(400, "The launch is incomplete", "the EHR sent a launch without iss (its FHIR server)")
+        if not self.settings.public_base_url:
+            raise PageError(
+                503,
+                "The app is not set up",
+                "IMID_REMS_PUBLIC_BASE_URL is not set: the app cannot tell the EHR where to send the sign-in back",
+                "Ask your EHR administrator to configure the app.",
+            )
         if not self.issuers:
             raise PageError(
                 403,
