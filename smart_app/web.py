@@ -72,7 +72,7 @@ from fhir_mappings.writes import RefillEdit
 from rems.config import Config
 from smart_app import sessions
 from smart_app.oauth import OAuthFailure, SmartOAuth
-from smart_app.picture import patient_picture, timeline_rows, timeline_svg
+from smart_app.picture import patient_name, patient_picture, timeline_rows, timeline_svg
 from smart_app.sessions import AppSession, PendingLaunch, SessionError
 
 log = logging.getLogger("imid_rems.smart")
@@ -474,7 +474,7 @@ class SmartApp:
                 chunk = ordered[start : start + 100]
                 for r in await population.fhir.search(f"Patient?_id={','.join(chunk)}&_count={len(chunk)}"):
                     if r.get("resourceType") == "Patient" and isinstance(r.get("id"), str):
-                        found[r["id"]] = _patient_label(r)
+                        found[r["id"]] = patient_name(r)[:120]
         except FhirError as exc:
             view.notes.append(f"Patient names could not be read from the EHR ({exc}); patient ids are shown.")
         return found
@@ -585,20 +585,6 @@ def _patient_drafts(engine: Engine, patient_id: str) -> list[Draft]:
     for status in statuses:
         out.extend(d for d in store.worklist(engine, status=status, limit=500) if d.patient_id == patient_id)
     return out
-
-
-def _patient_label(patient: Mapping[str, Any]) -> str:
-    for name in patient.get("name") or []:
-        if not isinstance(name, dict):
-            continue
-        if isinstance(name.get("text"), str) and name["text"].strip():
-            return str(name["text"]).strip()[:120]
-        given = " ".join(g for g in name.get("given") or [] if isinstance(g, str))
-        family = name.get("family") if isinstance(name.get("family"), str) else ""
-        label = f"{given} {family}".strip()
-        if label:
-            return label[:120]
-    return "(no name)"
 
 
 def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str]]:
