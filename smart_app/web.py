@@ -47,7 +47,6 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import quote, urlsplit
@@ -65,6 +64,7 @@ from cds_hooks.refill_review import Principal, ReviewError, preview, strengths_f
 from cds_hooks.refill_scan import RefillScanner
 from cds_hooks.refill_store import Draft
 from cds_hooks.refills import describe_failure, load_chart
+from cds_hooks.review_api import parse_edit
 from cds_hooks.settings import Settings
 from fhir_mappings.errors import InvalidInput
 from fhir_mappings.medication import AUTHORIZATION_SYSTEM, RISK_CATEGORY_EXTENSION
@@ -532,7 +532,7 @@ class SmartApp:
         principal = await self.principal(view)
         service = population.review
         try:
-            version = _int(form, "version", 1, None)
+            version = _version(form)
             if action == "edit":
                 edit = _edit(form)
                 await service.edit(draft_id, version, edit, principal)
@@ -646,48 +646,42 @@ async def _read_form(request: Request) -> dict[str, str]:
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
-def _int(form: Mapping[str, str], key: str, low: int, high: int | None) -> int:
-    raw = (form.get(key) or "").strip()
+def _whole(raw: str, field: str) -> int:
     try:
-        value = int(raw)
+        return int(raw.strip())
     except ValueError:
-        raise ReviewError(422, f"expected a whole number, got {raw[:20]!r}", field=key) from None
-    if value < low or (high is not None and value > high):
-        raise ReviewError(422, f"must be {low}{f' to {high}' if high else ' or more'}", field=key)
-    return value
+        raise ReviewError(422, f"expected a whole number, got {raw.strip()[:20]!r}", field=field) from None
 
 
-def _decimal(form: Mapping[str, str], key: str) -> Decimal | None:
-    raw = (form.get(key) or "").strip()
-    if not raw:
-        return None
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        raise ReviewError(422, f"expected a number, got {raw[:20]!r}", field=key) from None
-    if not value.is_finite():
-        raise ReviewError(422, "expected a finite number", field=key)
-    return value
+def _version(form: Mapping[str, str]) -> int:
+    version = _whole(form.get("version") or "", "version")
+    if version < 1:
+        raise ReviewError(422, "the draft version you reviewed (a positive integer) is required", field="version")
+    return version
 
 
 def _edit(form: Mapping[str, str]) -> RefillEdit:
-    """The edit form → only the fields the pharmacist changed (an unchanged field is left as it is)."""
-    supply = (form.get("supply_days") or "").strip()
-    original_supply = (form.get("original_supply_days") or "").strip()
-    quantity = (form.get("quantity") or "").strip()
-    original_quantity = (form.get("original_quantity") or "").strip()
-    auth = (form.get("authorization_number") or "").strip()
-    original_auth = (form.get("original_authorization_number") or "").strip()
-    edit = RefillEdit(
-        supply_days=_int(form, "supply_days", 1, 28) if supply and supply != original_supply else None,
-        quantity=_decimal(form, "quantity") if quantity and quantity != original_quantity else None,
-        dose_mg=_decimal(form, "dose_mg"),
-        note=(form.get("note") or "").strip() or None,
-        authorization=auth if auth and auth != original_auth else None,
-    )
-    if edit == RefillEdit():
+    """The edit form as the review API's edit body (`parse_edit`: the same checks and the same field names),
+    with only the fields the pharmacist changed (an unchanged field is left as it is)."""
+    body: dict[str, Any] = {"version": _version(form)}
+
+    def changed(key: str) -> str | None:
+        value = (form.get(key) or "").strip()
+        return value if value and value != (form.get(f"original_{key}") or "").strip() else None
+
+    if (supply := changed("supply_days")) is not None:
+        body["supplyDays"] = _whole(supply, "supplyDays")
+    if (quantity := changed("quantity")) is not None:
+        body["quantity"] = quantity
+    if dose := (form.get("dose_mg") or "").strip():
+        body["doseMg"] = dose
+    if note := (form.get("note") or "").strip():
+        body["note"] = note
+    if (number := changed("authorization_number")) is not None:
+        body["authorizationNumber"] = number
+    if len(body) == 1:
         raise ReviewError(422, "nothing changed: edit a field, then save", field="(form)")
-    return edit
+    return parse_edit(body)[1]
 
 
 def router(host: Host) -> APIRouter:

@@ -107,7 +107,7 @@ def test_prescriber_launch_shows_the_patients_findings_and_timeline(ehr: Ehr, pa
     assert next_test <= today  # a stale test: the next one is due now
     assert marks(page, "next-fill") == {date.fromisoformat(drug.get_by_test_id("next-fill").inner_text())}
     # The EHR asked for a banner (need_patient_banner) and its style (smart_style_url) is applied.
-    expect(page.get_by_role("region", name="Patient")).to_be_visible()
+    expect(page.get_by_role("region", name="Patient", exact=True)).to_be_visible()
     link = page.get_by_role("link", name="Refill worklist")
     assert link.evaluate("e => getComputedStyle(e).color") == "rgb(91, 42, 134)"  # the sandbox's #5b2a86
     shot(page, "patient-page")
@@ -153,7 +153,7 @@ def test_no_patient_banner_when_the_ehr_shows_its_own(ehr: Ehr, page: Page) -> N
     page.goto(ehr.launch_url(user=PRESCRIBER, patient=plan.patient_id, need_patient_banner=False))
     page.wait_for_url(re.compile(r"/smart/s/[^/]+/patient"))
     expect(page.locator("h1")).to_contain_text("REMS picture")
-    expect(page.get_by_role("region", name="Patient")).to_have_count(0)
+    expect(page.get_by_role("region", name="Patient", exact=True)).to_have_count(0)
     expect(page.get_by_test_id("risk-category")).to_contain_text(plan.category.display)
 
 
