@@ -713,6 +713,19 @@ def counts(engine: Engine) -> dict[str, int]:
     return {status: found.get(status, 0) for status in STATUSES}
 
 
+def patient_drafts(engine: Engine, patient_id: str, statuses: Sequence[Status]) -> list[Draft]:
+    """`patient_id`'s drafts in `statuses`, most urgent first (the ``(patient_id, status)`` index)."""
+    query = (
+        select(refill_draft)
+        .where(refill_draft.c.patient_id == patient_id, refill_draft.c.status.in_(list(statuses)))
+        .order_by(refill_draft.c.days_left.asc(), refill_draft.c.created_at.asc(), refill_draft.c.id.asc())
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+        checks = _checks(conn, [str(r["id"]) for r in rows])
+    return [_draft(r, checks[str(r["id"])]) for r in rows]
+
+
 def find_draft(engine: Engine, patient_id: str, prior_order: str) -> Draft | None:
     """The draft continuing `prior_order` for `patient_id`, or None."""
     with engine.connect() as conn:

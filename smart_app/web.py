@@ -580,11 +580,7 @@ def _app_context(raw: str | None) -> dict[str, Any]:
 
 
 def _patient_drafts(engine: Engine, patient_id: str) -> list[Draft]:
-    out: list[Draft] = []
-    statuses: tuple[store.Status, ...] = ("pending", "write-failed", "approved")
-    for status in statuses:
-        out.extend(d for d in store.worklist(engine, status=status, limit=500) if d.patient_id == patient_id)
-    return out
+    return store.patient_drafts(engine, patient_id, ("pending", "write-failed", "approved"))
 
 
 def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -493,3 +493,17 @@ def test_naive_datetimes_are_refused(engine: Engine) -> None:
     assert drafts_count(engine) == 0
     with pytest.raises(ValueError, match="severity must be one of"):
         Check("x", "fatal", True, "s")  # type: ignore[arg-type]
+
+
+def test_a_patients_drafts_in_the_asked_statuses_most_urgent_first(engine: Engine) -> None:
+    later, _ = store.upsert_draft(engine, new_draft("p1", "MedicationRequest/1", days_left=9), [CBC], now=NOW)
+    sooner, _ = store.upsert_draft(engine, new_draft("p1", "MedicationRequest/2", days_left=2), [CBC], now=NOW)
+    rejected, _ = store.upsert_draft(engine, new_draft("p1", "MedicationRequest/3", days_left=1), [CBC], now=NOW)
+    store.decide(
+        engine, rejected.id, expected_version=1, decision="rejected", actor=PHARMACIST_A, reason="stopped", now=NOW
+    )
+    store.upsert_draft(engine, new_draft("p2", "MedicationRequest/4", days_left=0), [CBC], now=NOW)
+    assert [d.id for d in store.patient_drafts(engine, "p1", ("pending", "approved"))] == [sooner.id, later.id]
+    assert [d.id for d in store.patient_drafts(engine, "p1", ("rejected",))] == [rejected.id]
+    assert store.patient_drafts(engine, "p3", ("pending",)) == []
+    assert store.patient_drafts(engine, "p1", ("pending",))[0].checks == (CBC,)
